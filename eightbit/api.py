@@ -1,0 +1,221 @@
+"""The public entry point: `quantize(model, calibration_data, example_inputs, config=...)`."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from eightbit import hw
+from eightbit.calibrate import as_model_inputs, insert_observers, run_calibration
+from eightbit.capture import Captured, _with_batch, capture
+from eightbit.config import QuantConfig, effective_weight_spec
+from eightbit.convert import Encoding, activation_encodings, convert
+from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
+from eightbit.fileio import atomic_path
+from eightbit.placement import Placement, place
+from eightbit.transforms import fold_batchnorm
+
+ENCODINGS_VERSION = 1
+
+
+class QuantizedModel(nn.Module):
+    """An int8 model: runs in PyTorch with the exact integer arithmetic of Q/DQ (simulated quantization),
+    exports to ONNX, and reports what was quantized.  Its buffers (int8 weights, scales, zero points) are in
+    `state_dict()`."""
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        *,
+        config: QuantConfig,
+        placement: Placement,
+        activations: dict[str, Encoding],
+        weights: dict[str, Encoding],
+        captured: Captured,
+        example_args: tuple,
+        input_names: list[str],
+        folded_batchnorms: int,
+    ) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.config = config
+        self.placement = placement
+        self.activation_encodings = activations
+        self.weight_encodings = weights
+        self.capture_method = captured.method
+        self.capture_note = captured.note
+        self.dynamic_batch = captured.dynamic_batch
+        self.input_names = input_names
+        self.folded_batchnorms = folded_batchnorms
+        self._example_args = example_args
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def export_onnx(
+        self, path, *, overwrite: bool = False, check: bool = True, opset: int | None = None
+    ) -> ExportReport:
+        """Write a standard QDQ ONNX model (int8 weight initializers, dynamic batch) atomically and check it
+        against ONNX Runtime."""
+        needs_16bit = max(self.config.activations.container_bits, self.config.weights.container_bits) > 8
+        opset = opset or (21 if needs_16bit else DEFAULT_OPSET)
+        return export_onnx(
+            self.graph_module,
+            path,
+            self._example_args,
+            input_names=self.input_names,
+            dynamic_batch=self.dynamic_batch,
+            opset=opset,
+            overwrite=overwrite,
+            check=check,
+        )
+
+    def encodings(self) -> dict:
+        """All quantization parameters as a JSON-ready dict."""
+        return {
+            "version": ENCODINGS_VERSION,
+            "activations": {k: asdict(v) for k, v in self.activation_encodings.items()},
+            "weights": {k: asdict(v) for k, v in self.weight_encodings.items()},
+        }
+
+    def save_encodings(self, path, *, overwrite: bool = False) -> None:
+        """Save the quantization parameters as JSON (atomically); `quantize(..., encodings=path)` reuses them."""
+        with atomic_path(path, overwrite) as tmp:
+            tmp.write_text(json.dumps(self.encodings(), indent=1))
+
+    def summary(self) -> str:
+        """A table of every compute op: int8 or float, and why."""
+        w = self.config.weights
+        lines = [
+            f"weights: {w.bits}-bit codes in int{w.container_bits}"
+            + (" (overflow fix: this CPU lacks VNNI)" if w.bits == 7 else ""),
+            f"captured with {self.capture_method.value}"
+            + (f" ({self.capture_note})" if self.capture_note else ""),
+            f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}",
+            f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
+            "",
+        ]
+        rows = [(name, rule.kind.value, "int8", "") for name, rule in self.placement.quantized_ops.items()]
+        rows += [(name, "", "float", why) for name, why in self.placement.float_ops.items()]
+        width = max((len(r[0]) for r in rows), default=4)
+        lines += [f"{'op':<{width}}  {'kind':<7} {'dtype':<5} note"]
+        lines += [f"{n:<{width}}  {k:<7} {d:<5} {w}" for n, k, d, w in rows]
+        return "\n".join(lines)
+
+
+def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, list[str]]:
+    """Bind example inputs to forward()'s parameters so the graph is always called positionally."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+        return args, [f"input_{i}" for i in range(len(args))]
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    names = list(bound.arguments)
+    values = tuple(bound.arguments.values())
+    while values and values[-1] is None:  # trailing optional inputs left unset
+        values, names = values[:-1], names[:-1]
+    return values, [n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor)]
+
+
+def quantize(
+    model: nn.Module,
+    calibration_data: Iterable | None = None,
+    example_inputs=None,
+    *,
+    config: QuantConfig | None = None,
+    encodings: str | Path | dict | None = None,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize `model` to int8 (never modifying it).
+
+    calibration_data: an iterable or DataLoader of model inputs (tensor, tuple of tensors, or dict of keyword
+        inputs), streamed once; not needed when `encodings` are given.
+    example_inputs: one input batch used for capture; defaults to the first calibration batch.
+    encodings: parameters saved by `QuantizedModel.save_encodings` (path or dict) to skip calibration.
+    """
+    config = config or QuantConfig()
+    weight_spec = effective_weight_spec(config, hw.saturation_risk())
+    config = replace(config, weights=weight_spec)
+    if calibration_data is None and encodings is None:
+        raise ValueError(
+            "pass calibration_data (representative inputs) or encodings saved from an earlier run"
+        )
+    if example_inputs is None:
+        if calibration_data is None:
+            raise ValueError("example_inputs is required when no calibration_data is given")
+        first, calibration_data = _peek(calibration_data)
+        example_inputs = first
+    args, kwargs = as_model_inputs(example_inputs)
+    args, input_names = _positional(model, args, kwargs)
+    captured = capture(model, args)
+    gm = captured.graph_module
+    folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
+    placement = place(gm, config)
+    observers = insert_observers(gm, placement, config.activations)
+    if encodings is not None:
+        act = _load_activation_encodings(encodings, placement)
+    else:
+        run_calibration(gm, _positional_batches(model, calibration_data), progress=progress)
+        act = activation_encodings(observers, placement, config.activations)
+    weights = convert(gm, placement, act, config)
+    example = _with_batch(args, 2) if captured.dynamic_batch else args
+    return QuantizedModel(
+        gm,
+        config=config,
+        placement=placement,
+        activations=act,
+        weights=weights,
+        captured=captured,
+        example_args=example,
+        input_names=input_names,
+        folded_batchnorms=folded,
+    )
+
+
+def _peek(data: Iterable):
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise ValueError(
+            "calibration_data is empty; pass at least one batch of representative inputs"
+        ) from None
+    rest = data if iterator is not data else itertools.chain([first], iterator)  # re-iterable: start over
+    return first, rest
+
+
+def _positional_batches(model: nn.Module, data: Iterable):
+    for batch in data:
+        args, kwargs = as_model_inputs(batch)
+        yield _positional(model, args, kwargs)[0]
+
+
+def _load_activation_encodings(source, placement: Placement) -> dict[str, Encoding]:
+    if not isinstance(source, dict):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"encodings file {path} does not exist")
+        try:
+            source = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not a valid eightbit encodings file (JSON): {exc}") from None
+    if source.get("version") != ENCODINGS_VERSION or "activations" not in source:
+        raise ValueError(f"unsupported encodings (version {source.get('version')}); re-run calibration")
+    saved = source["activations"]
+    expected = {g: list(m) for g, m in placement.groups.items()}
+    found = {g: list(e.get("tensors", [])) for g, e in saved.items()}
+    if expected != found:
+        raise ValueError(
+            "the encodings were made for a different model or config (tensor groups differ); "
+            "re-run calibration"
+        )
+    return {
+        g: Encoding(**{**e, "range": tuple(e["range"]) if e.get("range") else None}) for g, e in saved.items()
+    }

@@ -1,0 +1,162 @@
+"""Quantization configuration: frozen, keyword-only dataclasses validated on construction.
+
+A `QuantSpec` says how one kind of tensor (weights or activations) is quantized; a `QuantConfig` says which
+spec applies where and what stays float.  Defaults follow what runs fast on x86 VNNI runtimes: int8 symmetric
+per-channel weights with the narrow range [-127, 127] and uint8 asymmetric per-tensor activations.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from eightbit.observers import METHODS, lookup_method
+
+
+class Granularity(enum.Enum):
+    """One scale for the whole tensor, or one per channel along `QuantSpec.channel_axis`."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+
+
+class OpKind(enum.Enum):
+    """Op families the quantizer knows; used to keep whole families in float."""
+
+    CONV = "conv"
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    ADD = "add"
+    CONCAT = "concat"
+    POOL = "pool"
+
+
+class OverflowFix(enum.Enum):
+    """Keep int8 weights to 7-bit codes ([-63, 63]) so x86 CPUs without VNNI cannot saturate.
+
+    Such CPUs (AVX2, AVX-512 without VNNI) multiply u8 activations by s8 weights with VPMADDUBSW, which sums
+    pairs of products into int16: 255 * 127 * 2 overflows, and ONNX Runtime's results silently drift from
+    the exact int8 model.  7-bit weights cannot overflow (255 * 63 * 2 < 32767).
+    AUTO applies the fix when the CPU running eightbit lacks VNNI.
+    """
+
+    AUTO = "auto"
+    ENABLE = "enable"
+    DISABLE = "disable"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """How to quantize one class of tensors.
+
+    bits: 2..16. Values above 8 need 16-bit containers in ONNX (opset 21).
+    symmetric: zero point fixed at the middle of the range (0 for signed types).
+    signed: int8-style range instead of uint8-style.
+    channel_axis: the per-channel axis; None means 0 (output channels) for weights, 1 for activations.
+    narrow_range: drop the most negative code so the range is symmetric ([-127, 127] for int8).
+    method: calibration method name, a key of `eightbit.observers.METHODS`.
+    percentile: the upper percentile kept by the `percentile` method.
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    signed: bool = False
+    granularity: Granularity = Granularity.PER_TENSOR
+    channel_axis: int | None = None
+    narrow_range: bool = False
+    method: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be in 2..16, got {self.bits}")
+        if not isinstance(self.granularity, Granularity):
+            raise TypeError(f"granularity must be a Granularity, got {self.granularity!r}")
+        if self.narrow_range and not self.signed:
+            raise ValueError(
+                "narrow_range only applies to signed types; use signed=True or narrow_range=False"
+            )
+        lookup_method(self.method)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity is Granularity.PER_CHANNEL
+
+    @property
+    def container_bits(self) -> int:
+        """Width of the integer type that stores the codes (8 or 16)."""
+        return 8 if self.bits <= 8 else 16
+
+
+def int8_weights(**overrides) -> QuantSpec:
+    """The default weight spec: int8, symmetric, per output channel, narrow range [-127, 127]."""
+    base = dict(bits=8, symmetric=True, signed=True, granularity=Granularity.PER_CHANNEL, narrow_range=True)
+    return QuantSpec(**{**base, **overrides})
+
+
+def uint8_activations(**overrides) -> QuantSpec:
+    """The default activation spec: uint8, asymmetric, per tensor, min/max calibration."""
+    base = dict(bits=8, symmetric=False, signed=False, granularity=Granularity.PER_TENSOR)
+    return QuantSpec(**{**base, **overrides})
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    keep_float: qualified submodule names (as in `model.named_modules()`) whose ops stay float; a name also
+        covers everything below it.
+    keep_float_ops: op families that stay float everywhere.
+    fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear before quantizing.
+    quantize_outputs: also quantize the model's outputs (normally left float so logits keep full precision).
+    overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
+    """
+
+    weights: QuantSpec = field(default_factory=int8_weights)
+    activations: QuantSpec = field(default_factory=uint8_activations)
+    keep_float: tuple[str, ...] = ()
+    keep_float_ops: tuple[OpKind, ...] = ()
+    fold_batchnorm: bool = True
+    quantize_outputs: bool = False
+    overflow_fix: OverflowFix = OverflowFix.AUTO
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, QuantSpec) or not isinstance(self.activations, QuantSpec):
+            raise TypeError("weights and activations must be QuantSpec instances")
+        if not isinstance(self.overflow_fix, OverflowFix):
+            raise TypeError(f"overflow_fix must be an OverflowFix, got {self.overflow_fix!r}")
+        if isinstance(self.keep_float, str) or isinstance(self.keep_float_ops, (str, OpKind)):
+            raise TypeError("keep_float and keep_float_ops take tuples, e.g. keep_float=('classifier',)")
+        for kind in self.keep_float_ops:
+            if not isinstance(kind, OpKind):
+                raise TypeError(
+                    f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}"
+                )
+        if self.activations.per_channel and self.activations.bits not in (8, 16):
+            raise ValueError("per-channel activations are supported at 8 or 16 bits only")
+        if self.activations.per_channel and METHODS[self.activations.method].needs_histogram:
+            raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
+
+
+def effective_weight_spec(config: QuantConfig, saturation_risk: bool) -> QuantSpec:
+    """The weight spec actually used: 8-bit signed weights drop to 7-bit codes when the overflow fix applies."""
+    spec = config.weights
+    fix = config.overflow_fix
+    applies = fix is OverflowFix.ENABLE or (fix is OverflowFix.AUTO and saturation_risk)
+    if applies and spec.signed and spec.bits == 8 and spec.narrow_range:
+        return replace(spec, bits=7)
+    if applies and spec.signed and spec.bits == 8:
+        return replace(spec, bits=7, narrow_range=True)
+    return spec

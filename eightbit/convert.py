@@ -1,0 +1,162 @@
+"""Conversion: observers become quantize/dequantize op pairs, weights become int8 buffers, biases int32.
+
+The result is still an FX graph, runnable in PyTorch (the simulated int8 model) and exportable to ONNX,
+where each op pair becomes QuantizeLinear/DequantizeLinear and each weight an int8 initializer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from eightbit import ops, qmath
+from eightbit.calibrate import OBSERVER_PREFIX, activation_axis
+from eightbit.config import QuantConfig, QuantSpec
+from eightbit.observers import Observer
+from eightbit.placement import Placement
+from eightbit.transforms.graph_utils import add_constant, attr_value
+
+
+@dataclass
+class Encoding:
+    """Quantization parameters of one tensor group or weight, in a JSON-friendly form."""
+
+    scale: list[float]
+    zero_point: list[int]
+    qmin: int
+    qmax: int
+    axis: int | None
+    range: tuple[list[float], list[float]] | None = None
+    tensors: list[str] = field(default_factory=list)
+
+    def tensors_(self) -> tuple[torch.Tensor, torch.Tensor]:
+        per = self.axis is not None
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        zp = torch.tensor(self.zero_point, dtype=qmath.storage_dtype(self.qmin, self.qmax))
+        return (scale, zp) if per else (scale.reshape(()), zp.reshape(()))
+
+
+def encoding_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, axis: int | None) -> Encoding:
+    """Pure: a clipping range and a spec -> the encoding (scale, zero point) used by the graph."""
+    scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric)
+    as_list = lambda t: t.reshape(-1).tolist()  # noqa: E731
+    return Encoding(
+        as_list(scale), [int(v) for v in as_list(zp)], spec.qmin, spec.qmax, axis, (as_list(lo), as_list(hi))
+    )
+
+
+def activation_encodings(
+    observers: dict[str, Observer], placement: Placement, spec: QuantSpec
+) -> dict[str, Encoding]:
+    """Turn calibrated observers into encodings (pure given the observers' statistics)."""
+    out = {}
+    for group, observer in observers.items():
+        if not observer.observed():
+            raise RuntimeError(f"{observer.label} was never reached during calibration")
+        lo, hi = observer.compute_range()
+        enc = encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, activation_axis(spec))
+        enc.tensors = list(placement.groups[group])
+        out[group] = enc
+    return out
+
+
+def _insert_qdq(gm: fx.GraphModule, call: fx.Node, group: str, enc: Encoding) -> fx.Node:
+    scale, zp = enc.tensors_()
+    axis = -1 if enc.axis is None else enc.axis
+    s_node = add_constant(gm, call, f"{group}_scale", scale)
+    z_node = add_constant(gm, call, f"{group}_zero_point", zp)
+    with gm.graph.inserting_before(call):
+        q = gm.graph.call_function(ops.QUANTIZE, (call.args[0], s_node, z_node, enc.qmin, enc.qmax, axis))
+        dq = gm.graph.call_function(ops.DEQUANTIZE, (q, s_node, z_node, axis))
+    call.replace_all_uses_with(dq)
+    gm.graph.erase_node(call)
+    return dq
+
+
+def _weight_encoding(w: torch.Tensor, spec: QuantSpec) -> Encoding:
+    axis = (spec.channel_axis or 0) if spec.per_channel else None
+    observer = Observer(spec, axis, label="weight")
+    observer(w.detach().float())
+    lo, hi = observer.compute_range()
+    return encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, axis)
+
+
+def _dequantized_constant(
+    gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding
+) -> fx.Node:
+    scale, zp = enc.tensors_()
+    axis = -1 if enc.axis is None else enc.axis
+    nodes = [
+        add_constant(gm, user, f"{name}_{kind}", t) for kind, t in (("q", q), ("scale", scale), ("zp", zp))
+    ]
+    with gm.graph.inserting_before(user):
+        return gm.graph.call_function(ops.DEQUANTIZE, (*nodes, axis))
+
+
+def convert(
+    gm: fx.GraphModule, placement: Placement, act_encodings: dict[str, Encoding], config: QuantConfig
+) -> dict[str, Encoding]:
+    """Rewrite the observed graph in place into the quantized graph; returns the weight encodings."""
+    dq_of_call: dict[fx.Node, Encoding] = {}
+    for call in list(gm.graph.nodes):
+        if call.op == "call_module" and str(call.target).startswith(OBSERVER_PREFIX):
+            group = str(call.target)[len(OBSERVER_PREFIX) :]
+            dq_of_call[_insert_qdq(gm, call, group, act_encodings[group])] = act_encodings[group]
+    weight_encodings = {}
+    for node in list(gm.graph.nodes):
+        rule = placement.quantized_ops.get(node.name)
+        if rule is None or rule.weight_arg is None or node.op != "call_function":
+            continue
+        w = attr_value(gm, node.args[rule.weight_arg])
+        if w is None:
+            continue
+        enc = _weight_encoding(w, config.weights)
+        enc.tensors = [node.name]
+        scale, zp = enc.tensors_()
+        q = ops.quantize(
+            w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis
+        )
+        args = list(node.args)
+        args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
+        _quantize_bias(gm, node, rule, args, dq_of_call, scale)
+        node.args = tuple(args)
+        weight_encodings[node.name] = enc
+    gm.graph.eliminate_dead_code()
+    _drop_unused_attributes(gm)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return weight_encodings
+
+
+def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale) -> None:
+    """Store the bias as int32 at scale input_scale * weight_scale: what int8 kernels accumulate into, and
+    what ONNX Runtime needs to fuse a float-output Gemm."""
+    pos = rule.bias_arg
+    bias = attr_value(gm, args[pos]) if pos is not None and pos < len(args) else None
+    source = args[rule.activation_args[0]]
+    act = dq_of_call.get(source)
+    if bias is None or act is None or act.axis is not None:
+        return
+    in_scale = torch.tensor(act.scale[0])
+    scale = (in_scale * w_scale).reshape(-1).expand(bias.shape[0]).contiguous()
+    q = qmath.quantize_bias(bias.detach().float(), in_scale, w_scale)
+    enc = Encoding(scale.tolist(), [0] * bias.shape[0], -(2**31) + 1, 2**31 - 1, 0)
+    nodes = [
+        add_constant(gm, node, f"{node.name}_bias_q", q),
+        add_constant(gm, node, f"{node.name}_bias_scale", scale),
+        add_constant(gm, node, f"{node.name}_bias_zp", torch.zeros(bias.shape[0], dtype=torch.int32)),
+    ]
+    with gm.graph.inserting_before(node):
+        args[pos] = gm.graph.call_function(ops.DEQUANTIZE, (*nodes, enc.axis))
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Free the float weights that were replaced, so the quantized model does not carry both copies."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_buffers(recurse=False)] + [
+        n for n, _ in gm.named_parameters(recurse=False)
+    ]:
+        if name not in used:
+            delattr(gm, name)

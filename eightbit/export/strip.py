@@ -1,0 +1,159 @@
+"""Turn a QDQ ONNX model back into its float32 counterpart.
+
+`eightbit bench MODEL.onnx` needs an fp32 baseline with exactly the same graph as the int8 model it is
+given; rather than asking for a second file, the baseline is derived here:
+
+* a DequantizeLinear whose input is a constant (int8 weights, int32 biases) becomes a float32 initializer
+  holding the dequantized values, so weights carry their quantization error but compute runs in fp32;
+* a QuantizeLinear -> DequantizeLinear pair on a tensor is removed and its consumers read the float tensor
+  directly (an identity, i.e. no activation rounding);
+* anything else (e.g. a lone QuantizeLinear feeding a graph output) is left unchanged.
+
+Only QDQ-format models are handled; operator-format models (QLinearConv, ...) have no float equivalent
+in their graph and pass through untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = ["strip_qdq"]
+
+_QDQ_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+
+def _is(node: onnx.NodeProto, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain in _QDQ_DOMAINS
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in _QDQ_DOMAINS:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(attr.t)
+    return consts
+
+
+def _dequantize(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Float32 value of a DequantizeLinear whose inputs are all constants, else None."""
+    if any(name and name not in consts for name in node.input):
+        return None
+    x = consts[node.input[0]].astype(np.float64)
+    scale = consts[node.input[1]].astype(np.float64)
+    has_zp = len(node.input) > 2 and node.input[2]
+    zp = consts[node.input[2]].astype(np.float64) if has_zp else np.zeros_like(scale)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axis = attrs.get("axis", 1) % max(x.ndim, 1)
+    block = attrs.get("block_size", 0)
+    if block:  # blocked quantization: one scale per `block` consecutive elements along `axis`
+        keep = range(x.shape[axis])
+        scale = np.repeat(scale, block, axis=axis).take(keep, axis=axis)
+        zp = np.repeat(zp, block, axis=axis).take(keep, axis=axis)
+    elif scale.ndim == 1:  # per-axis: the 1-D scale runs along `axis`
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return ((x - zp) * scale).astype(np.float32)
+
+
+def _rename_inputs(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    # Subgraphs (If/Loop bodies) may read outer-scope tensors, so rename recursively.
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_inputs(attr.g, mapping)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _rename_inputs(g, mapping)
+
+
+def _resolve(mapping: dict[str, str]) -> dict[str, str]:
+    # Chained pairs (Q->DQ->Q->DQ) map a name onto another mapped name; follow chains to the end.
+    out = {}
+    for src in mapping:
+        dst = mapping[src]
+        while dst in mapping:
+            dst = mapping[dst]
+        out[src] = dst
+    return out
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            used.update(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    stack.extend(attr.graphs)
+    return used
+
+
+def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return the float32 equivalent of a QDQ model (the input model is not modified).
+
+    Constant-input DequantizeLinear nodes are folded into float32 initializers and activation
+    QuantizeLinear -> DequantizeLinear pairs are removed, re-linking their consumers to the float tensor.
+    Graph outputs keep their names (an Identity is inserted where a removed DQ produced one).
+    """
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    consts = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    rename: dict[str, str] = {}
+    for node in graph.node:
+        if not _is(node, "DequantizeLinear"):
+            new_nodes.append(node)
+            continue
+        value = _dequantize(node, consts)
+        if value is not None:
+            new_inits.append(numpy_helper.from_array(value, node.output[0]))
+            continue
+        q = producers.get(node.input[0])
+        if q is not None and _is(q, "QuantizeLinear"):
+            if node.output[0] in graph_outputs:
+                new_nodes.append(helper.make_node("Identity", [q.input[0]], [node.output[0]], name=node.name))
+            else:
+                rename[node.output[0]] = q.input[0]
+            continue
+        new_nodes.append(node)
+
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _rename_inputs(graph, _resolve(rename))
+
+    # QuantizeLinear nodes whose only consumers were removed DQs are now dead; drop them and any
+    # integer initializers / Constant nodes / value_info entries nothing reads any more.
+    while True:
+        used = _used_names(graph)
+        alive = [n for n in graph.node if any(o in used for o in n.output) or not n.output]
+        if len(alive) == len(graph.node):
+            break
+        graph.ClearField("node")
+        graph.node.extend(alive)
+    used = _used_names(graph)
+    inits = [i for i in graph.initializer if i.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(inits)
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    produced |= {i.name for i in graph.initializer}
+    infos = [v for v in graph.value_info if v.name in produced]
+    graph.ClearField("value_info")
+    graph.value_info.extend(infos)
+    return model

@@ -1,0 +1,197 @@
+"""Streaming statistics and the calibration-method registry.
+
+Observers collect statistics batch by batch in memory that does not grow with the number of samples; a
+method turns the merged statistics into a clipping range with a pure function (AIMET-v2 style).  Each method
+declares the statistics it needs, so one calibration pass collects the union for every quantization point.
+Adding a method is one range function plus one `METHODS` entry.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class Statistic(enum.Enum):
+    MINMAX = "minmax"
+    HISTOGRAM = "histogram"
+
+
+class MinMaxStats:
+    """Running min and max, per tensor or per channel along `axis`."""
+
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.axis is None:
+            lo, hi = torch.aminmax(x.detach())
+        else:
+            flat = x.detach().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+            lo, hi = torch.aminmax(flat, dim=1)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def merge(self, other: MinMaxStats) -> None:
+        if other.lo is not None:
+            self.update_range(other.lo, other.hi)
+
+    def update_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+
+class HistogramStats:
+    """A fixed-size histogram whose range grows when a batch falls outside it.
+
+    Growth widens each bin by an integer factor and sums groups of old bins, so the counts stay exact
+    (no re-interpolation error accumulates over batches).
+    """
+
+    def __init__(self, bins: int = 2048) -> None:
+        self.bins = bins
+        self.counts = torch.zeros(bins, dtype=torch.float64)
+        self.lo = 0.0
+        self.width = 0.0  # bin width; 0 until the first nonzero-range batch
+
+    @property
+    def hi(self) -> float:
+        return self.lo + self.width * self.bins
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        if x.numel() == 0:
+            return
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        self._cover(lo, hi)
+        self.counts += torch.histc(x, self.bins, self.lo, self.hi).double()
+
+    def _cover(self, lo: float, hi: float) -> None:
+        if self.width == 0.0:
+            span = hi - lo
+            self.lo, self.width = (lo, span / self.bins) if span > 0 else (lo - 0.5, 1.0 / self.bins)
+            # Nudge so the top value lands inside the last bin rather than on its open edge.
+            self.width *= 1 + 1e-6
+            return
+        if lo >= self.lo and hi <= self.hi:
+            return
+        pad_left = max(0, math.ceil((self.lo - lo) / self.width))
+        hi = max(hi, self.hi)
+        factor = 1
+        while self.lo - pad_left * self.width + self.bins * factor * self.width < hi:
+            factor *= 2
+        padded = torch.zeros(self.bins * factor, dtype=torch.float64)
+        padded[pad_left : pad_left + self.bins] = self.counts
+        self.counts = padded.reshape(self.bins, factor).sum(dim=1)
+        self.lo -= pad_left * self.width
+        self.width *= factor
+
+    def merge(self, other: HistogramStats) -> None:
+        if other.width == 0.0:
+            return
+        centres = other.lo + (torch.arange(other.bins, dtype=torch.float64) + 0.5) * other.width
+        self._cover(other.lo, other.hi)
+        idx = ((centres - self.lo) / self.width).long().clamp(0, self.bins - 1)
+        self.counts.index_add_(0, idx, other.counts)
+
+    def edges(self) -> torch.Tensor:
+        return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
+
+
+@dataclass(frozen=True)
+class Method:
+    """A calibration method: the statistics it needs and the pure function that turns them into a range."""
+
+    needs: frozenset[Statistic]
+    compute_range: Callable[[dict[Statistic, object], object], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def needs_histogram(self) -> bool:
+        return Statistic.HISTOGRAM in self.needs
+
+
+def minmax_range(stats: dict, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed minimum and maximum."""
+    mm: MinMaxStats = stats[Statistic.MINMAX]
+    return mm.lo, mm.hi
+
+
+def histogram_quantile(hist: HistogramStats, q: float) -> float:
+    """The q-quantile (0..1) of the histogrammed data, interpolating linearly inside a bin."""
+    cdf = torch.cumsum(hist.counts, 0)
+    total = float(cdf[-1])
+    if total == 0:
+        return 0.0
+    target = q * total
+    idx = int(
+        torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=hist.bins - 1)
+    )
+    before = float(cdf[idx - 1]) if idx > 0 else 0.0
+    inside = float(hist.counts[idx])
+    frac = (target - before) / inside if inside > 0 else 0.0
+    return hist.lo + (idx + frac) * hist.width
+
+
+def percentile_range(stats: dict, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip both tails at `spec.percentile` (e.g. 99.99 keeps the central 99.98% of values)."""
+    hist: HistogramStats = stats[Statistic.HISTOGRAM]
+    mm: MinMaxStats = stats[Statistic.MINMAX]
+    p = spec.percentile / 100.0
+    lo = max(histogram_quantile(hist, 1.0 - p), float(mm.lo))
+    hi = min(histogram_quantile(hist, p), float(mm.hi))
+    return torch.tensor(lo), torch.tensor(hi)
+
+
+METHODS: dict[str, Method] = {
+    "minmax": Method(frozenset({Statistic.MINMAX}), minmax_range),
+    "percentile": Method(frozenset({Statistic.MINMAX, Statistic.HISTOGRAM}), percentile_range),
+}
+
+
+def lookup_method(name: str) -> Method:
+    """The registered method called `name`; the error lists the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown calibration method {name!r}; valid methods: {sorted(METHODS)}") from None
+
+
+class Observer(nn.Module):
+    """Identity module that records the statistics its method needs.  One instance may observe several
+    tensors that must share quantization parameters (e.g. the input and output of a max-pool)."""
+
+    def __init__(self, spec, axis: int | None, label: str) -> None:
+        super().__init__()
+        self.spec = spec
+        self.label = label
+        method = lookup_method(spec.method)
+        self.stats: dict[Statistic, object] = {
+            Statistic.MINMAX: MinMaxStats(axis if spec.per_channel else None)
+        }
+        if Statistic.HISTOGRAM in method.needs:
+            self.stats[Statistic.HISTOGRAM] = HistogramStats()
+        self.batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"non-finite values (NaN or Inf) reached {self.label} during calibration; check the calibration "
+                "inputs and that the float model itself produces finite outputs on them"
+            )
+        for collector in self.stats.values():
+            collector.update(x)
+        self.batches += 1
+        return x
+
+    def observed(self) -> bool:
+        return self.stats[Statistic.MINMAX].lo is not None
+
+    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return lookup_method(self.spec.method).compute_range(self.stats, self.spec)

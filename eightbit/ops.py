@@ -1,0 +1,79 @@
+"""The two graph ops of a converted model, `eightbit::quantize` and `eightbit::dequantize`.
+
+They are real integer ops in PyTorch (the simulated model holds uint8/int8 tensors between them), and each
+has exactly one ONNX export handler emitting a standard QuantizeLinear / DequantizeLinear.  The integer
+storage type is the zero point's dtype, as in ONNX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from onnxscript import opset18 as op
+
+from eightbit import qmath
+
+
+def _axis_or_none(scale: torch.Tensor, axis: int) -> int | None:
+    return axis if scale.dim() > 0 and scale.numel() > 1 else None
+
+
+@torch.library.custom_op("eightbit::quantize", mutates_args=())
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int
+) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, qmin, qmax) stored in zero_point's dtype."""
+    q = qmath.quantize(x, scale, zero_point, qmin, qmax, _axis_or_none(scale, axis))
+    return q.to(zero_point.dtype)
+
+
+@quantize.register_fake
+def _quantize_fake(x, scale, zero_point, qmin, qmax, axis):
+    return torch.empty_like(x, dtype=zero_point.dtype)
+
+
+@torch.library.custom_op("eightbit::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int) -> torch.Tensor:
+    """(q - zero_point) * scale as float32."""
+    return qmath.dequantize(q, scale, zero_point, _axis_or_none(scale, axis))
+
+
+@dequantize.register_fake
+def _dequantize_fake(q, scale, zero_point, axis):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+_CONTAINER_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
+
+
+def quantize_onnx(x, scale, zero_point, qmin: int, qmax: int, axis: int):
+    """ONNX handler: QuantizeLinear, preceded by a clamp when the code range is narrower than the type."""
+    dtype = _np_dtype(zero_point)
+    if (qmin, qmax) != _CONTAINER_RANGE.get(dtype, (qmin, qmax)):
+        # Fewer bits than the container: ONNX QuantizeLinear saturates only at the type's limits.
+        lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), op.Cast(zero_point, to=1)), scale)
+        hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), op.Cast(zero_point, to=1)), scale)
+        x = op.Min(op.Max(x, lo), hi)
+    return op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+
+def dequantize_onnx(q, scale, zero_point, axis: int):
+    """ONNX handler: DequantizeLinear."""
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+def _np_dtype(value) -> str | None:
+    try:
+        return str(np.dtype(value.dtype.numpy()))
+    except (AttributeError, TypeError):  # dtype not known at trace time
+        return None
+
+
+# The op overloads that graph nodes target.
+QUANTIZE = torch.ops.eightbit.quantize.default
+DEQUANTIZE = torch.ops.eightbit.dequantize.default
+
+ONNX_TRANSLATIONS = {
+    QUANTIZE: quantize_onnx,
+    DEQUANTIZE: dequantize_onnx,
+}

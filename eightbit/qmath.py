@@ -1,0 +1,102 @@
+"""Quantization math as pure tensor functions: ranges -> (scale, zero_point), quantize, dequantize.
+
+Nothing here knows about graphs or observers; everything is tested against brute-force references.
+Rounding is half-to-even, as in ONNX QuantizeLinear, so simulated and exported models agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, *, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point that map the real range [lo, hi] onto the integer range [qmin, qmax].
+
+    The range is first widened to contain 0 so that real zero (padding, ReLU outputs) is exactly
+    representable.  A zero-width range (a constant-zero tensor or an all-zero weight channel) gets a scale
+    borrowed from the other channels, or 1.0, so that it still quantizes to exactly zero and any bias
+    quantized with it keeps a sensible step.
+    """
+    lo = torch.minimum(torch.as_tensor(lo, dtype=torch.float32), torch.zeros(()))
+    hi = torch.maximum(torch.as_tensor(hi, dtype=torch.float32), torch.zeros(()))
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("cannot compute quantization parameters from a non-finite range (NaN or Inf seen)")
+    if symmetric:
+        scale = _fill_zero_scales(torch.maximum(-lo, hi) / ((qmax - qmin) / 2))
+        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2)
+    else:
+        scale = _fill_zero_scales((hi - lo) / (qmax - qmin))
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero_point.to(torch.int32)
+
+
+def _fill_zero_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Replace zero scales with the mean of the nonzero ones (or 1.0 when there are none)."""
+    zero = scale <= _TINY
+    if not zero.any():
+        return scale
+    fallback = scale[~zero].mean() if (~zero).any() else torch.tensor(1.0)
+    return torch.where(zero, fallback, scale)
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if param.dim() == 0 or axis is None:
+        return param
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """Integer codes clamp(round(x / scale) + zero_point, qmin, qmax), as int32 (the caller picks storage)."""
+    s = _broadcast(scale, x, axis)
+    z = _broadcast(zero_point, x, axis)
+    return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None
+) -> torch.Tensor:
+    """Real values (q - zero_point) * scale."""
+    s = _broadcast(scale, q, axis)
+    z = _broadcast(zero_point, q, axis)
+    return (q.to(torch.float32) - z.to(torch.float32)) * s
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> torch.Tensor:
+    """dequantize(quantize(x)): the value the int8 model sees in place of x."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax, axis), scale, zero_point, axis)
+
+
+def storage_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest standard integer type that holds [qmin, qmax] (uint8, int8, uint16 or int16)."""
+    for dtype in (torch.uint8, torch.int8, torch.uint16, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    raise ValueError(f"no 8/16-bit integer type holds [{qmin}, {qmax}]")
+
+
+def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Bias as int32 with scale input_scale * weight_scale, the form int8 conv/gemm kernels accumulate into."""
+    scale = input_scale * weight_scale
+    limit = torch.iinfo(torch.int32).max
+    return torch.clamp(torch.round(bias / scale), -limit, limit).to(torch.int32)

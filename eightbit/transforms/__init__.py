@@ -1,0 +1,5 @@
+"""Graph transforms on the captured ATen FX graph; each pass is a thin wrapper around pure tensor math."""
+
+from eightbit.transforms.fold_bn import fold_batchnorm, fold_bn
+
+__all__ = ["fold_batchnorm", "fold_bn"]
