@@ -5,7 +5,7 @@ QDQ U8S8, ORT QDQ default (S8S8) and NNCF, then time every variant on ONNX Runti
 (all, f32 precision hint): batch-1 median latency and batch-32 throughput. Output agreement with the fp32
 model (ORT) is measured on held-out random inputs to catch broken quantization (e.g. u8s8 saturation).
 
-    python -m bench.run_ptq [--models resnet18 ...] [--calib 32] [--quick] [--out bench/results]
+    python -m bench.run_ptq [--models resnet18 ...] [--variants ...] [--calib 32] [--quick] [--out DIR]
 
 Writes results.md (tables) and results.json (raw numbers) to --out. Numbers from one process: treat
 differences under ~20% as noise (see the shared baseline notes).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import enum
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `eightbit` im
 
 from bench.models import BenchModel, build  # noqa: E402
 from bench.peers import Peer, quantize_peer  # noqa: E402
-from eightbit.benchmark import latency  # noqa: E402
+from eightbit.benchmark import time_interleaved  # noqa: E402
 from eightbit.runtime import Backend, RuntimeOptions, load  # noqa: E402
 
 THREADS = 2
@@ -59,10 +60,11 @@ class Iters:
 
     b1: tuple[int, int]
     bulk: tuple[int, int]
+    rounds: int  # the timed calls are split into this many rounds, interleaved across variants
 
 
-FULL = Iters(b1=(10, 40), bulk=(2, 8))
-QUICK = Iters(b1=(3, 10), bulk=(1, 2))
+FULL = Iters(b1=(10, 40), bulk=(2, 8), rounds=4)
+QUICK = Iters(b1=(3, 10), bulk=(1, 2), rounds=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,7 +131,7 @@ def _agreement(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return rel, float(np.mean(y.argmax(-1) == ref.argmax(-1)))
 
 
-def run_model(name: str, calib_n: int, iters: Iters, work: Path) -> list[Record]:
+def run_model(name: str, calib_n: int, iters: Iters, work: Path, variants: list[Variant]) -> list[Record]:
     """Build, export, quantize and time one model; returns one record per (variant, backend)."""
     model = _load_model(name)
     if model is None:
@@ -146,10 +148,12 @@ def run_model(name: str, calib_n: int, iters: Iters, work: Path) -> list[Record]
     print(f"  exported fp32 in {time.perf_counter() - t0:.1f}s")
     qtime: dict[Variant, float] = {}
     t0 = time.perf_counter()
-    if make_eightbit(model, calib, example, work / f"{name}.eightbit.onnx"):
+    if Variant.EIGHTBIT in variants and make_eightbit(model, calib, example, work / f"{name}.eightbit.onnx"):
         paths[Variant.EIGHTBIT] = work / f"{name}.eightbit.onnx"
         qtime[Variant.EIGHTBIT] = time.perf_counter() - t0
     for variant, peer in _PEER_OF.items():
+        if variant not in variants:
+            continue
         try:
             res = quantize_peer(peer, paths[Variant.FP32], calib, work / f"{name}.{variant.value}.onnx")
         except Exception:  # report and keep going with the other peers
@@ -160,31 +164,46 @@ def run_model(name: str, calib_n: int, iters: Iters, work: Path) -> list[Record]
         print(f"  {variant.value}: quantized in {res.seconds:.1f}s")
 
     options = RuntimeOptions(threads=THREADS)
-    reference = load(paths[Variant.FP32], Backend.ORT, options).run({"input": held_out})[0]
+    runners = {
+        (variant, backend): load(path, backend, options)
+        for variant, path in paths.items()
+        for backend in Backend
+        if not (backend is Backend.ORT and path.suffix == ".xml")
+    }
+    reference = runners[(Variant.FP32, Backend.ORT)].run({"input": held_out})[0]
+    agreement = {k: _agreement(r.run({r.input_names[0]: held_out})[0], reference) for k, r in runners.items()}
     busy = cpu_busy_fraction()
     if busy is not None and busy > 0.1:
         print(f"  WARNING: {busy:.0%} of the CPUs were busy before timing; numbers below are distorted")
+    # Variants are timed in interleaved rounds: the cores may be shared with other work.
+    b1 = time_interleaved(
+        runners,
+        lambda r: {r.input_names[0]: calib[0]},
+        warmup=iters.b1[0],
+        iters=iters.b1[1],
+        rounds=iters.rounds,
+    )
+    bulk_t = time_interleaved(
+        runners,
+        lambda r: {r.input_names[0]: bulk},
+        warmup=iters.bulk[0],
+        iters=iters.bulk[1],
+        rounds=iters.rounds,
+    )
     records = []
-    for variant, path in paths.items():
-        for backend in Backend:
-            if backend is Backend.ORT and path.suffix == ".xml":
-                continue
-            runner = load(path, backend, options)
-            feed_name = runner.input_names[0]
-            rel, top1 = _agreement(runner.run({feed_name: held_out})[0], reference)
-            t1 = latency(runner, {feed_name: calib[0]}, *iters.b1)
-            tb = latency(runner, {feed_name: bulk}, *iters.bulk)
-            rec = Record(
-                model=name, variant=variant.value, backend=backend.value,
-                b1_ms=t1.median_ms, b1_p10_ms=t1.p10_ms, b1_p90_ms=t1.p90_ms,
-                bulk_samples_per_s=tb.samples_per_s, rel_err=rel, top1_agree=top1,
-                quantize_s=qtime.get(variant), cpu_busy_before=busy,
-            )  # fmt: skip
-            records.append(rec)
-            print(
-                f"  {variant.value:>14} {backend.value:<11} b1 {t1.median_ms:7.2f} ms"
-                f"  b{BATCH_THROUGHPUT} {tb.samples_per_s:7.1f} /s  rel.err {rel:.3f}  top1 {top1:.2f}"
-            )
+    for (variant, backend), t1 in b1.items():
+        tb, (rel, top1) = bulk_t[(variant, backend)], agreement[(variant, backend)]
+        rec = Record(
+            model=name, variant=variant.value, backend=backend.value,
+            b1_ms=t1.median_ms, b1_p10_ms=t1.p10_ms, b1_p90_ms=t1.p90_ms,
+            bulk_samples_per_s=tb.samples_per_s, rel_err=rel, top1_agree=top1,
+            quantize_s=qtime.get(variant), cpu_busy_before=busy,
+        )  # fmt: skip
+        records.append(rec)
+        print(
+            f"  {variant.value:>14} {backend.value:<11} b1 {t1.median_ms:7.2f} ms"
+            f"  b{BATCH_THROUGHPUT} {tb.samples_per_s:7.1f} /s  rel.err {rel:.3f}  top1 {top1:.2f}"
+        )
     return records
 
 
@@ -240,23 +259,39 @@ def markdown(records: list[Record]) -> str:
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
-    """Share of all CPUs busy over `seconds` while this process sleeps (Linux /proc/stat; else None).
+    """Share of all CPUs used by *other* processes over `seconds` (Linux /proc/stat; else None).
 
     Other processes (or other sessions sharing the machine) competing for the 2 cores distort timings,
-    ORT's spinning intra-op threads most of all, so the figure is recorded next to the results.
+    ORT's spinning intra-op threads most of all, so the figure is recorded next to the results. This
+    process's own CPU time (e.g. thread pools still spinning) is subtracted.
     """
 
     def sample() -> tuple[int, int]:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total (in clock ticks)
 
     try:
         idle0, total0 = sample()
+        own0, wall0 = time.process_time(), time.perf_counter()
         time.sleep(seconds)
         idle1, total1 = sample()
+        own1, wall1 = time.process_time(), time.perf_counter()
     except (OSError, ValueError, IndexError):
         return None
-    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    ncpu = os.cpu_count() or 1
+    busy = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    own = (own1 - own0) / ((wall1 - wall0) * ncpu)
+    return max(0.0, busy - own)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=int, default=32, help="number of random calibration inputs")
     parser.add_argument("--quick", action="store_true", help="few timing iterations (smoke test)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    quantized = [v.value for v in Variant if v is not Variant.FP32]
+    parser.add_argument(
+        "--variants", nargs="+", default=quantized, choices=quantized, help="int8 variants (fp32 always runs)"
+    )
     args = parser.parse_args(argv)
+    variants = [Variant(v) for v in args.variants]
 
     torch.set_num_threads(THREADS)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -278,19 +318,23 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             print(f"== {name}")
             t0 = time.perf_counter()
-            records += run_model(name, args.calib, iters, Path(tmp))
+            records += run_model(name, args.calib, iters, Path(tmp), variants)
             print(f"  {name} done in {time.perf_counter() - t0:.0f}s")
     text = markdown(records)
+    busy = {r.model: r.cpu_busy_before for r in records}
+    busy_text = ", ".join(f"{m} {b:.0%}" if b is not None else f"{m} unknown" for m, b in busy.items()) or "-"
     print("\n" + text)
     header = (
         f"# int8 PTQ benchmark\n\n{THREADS} threads, calibration {args.calib} random inputs, "
         f"{'quick' if args.quick else 'full'} timing (b1 {iters.b1[1]} calls, b{BATCH_THROUGHPUT} "
-        f"{iters.bulk[1]} calls after warm-up); CPU: {platform.processor() or platform.machine()}.\n\n"
+        f"{iters.bulk[1]} calls after warm-up, interleaved across variants in {iters.rounds} rounds); "
+        f"CPU: {_cpu_name()}; other load on the CPUs before timing: {busy_text}.\n\n"
     )
     (args.out / "results.md").write_text(header + text)
     meta = {
         "threads": THREADS, "calib": args.calib, "quick": args.quick, "iters": asdict(iters),
-        "batch_throughput": BATCH_THROUGHPUT, "total_s": time.perf_counter() - t_start,
+        "batch_throughput": BATCH_THROUGHPUT, "total_s": time.perf_counter() - t_start, "cpu": _cpu_name(),
+        "variants": [v.value for v in variants],
     }  # fmt: skip
     payload = {"meta": meta, "records": [asdict(r) for r in records]}
     (args.out / "results.json").write_text(json.dumps(payload, indent=2))

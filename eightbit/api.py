@@ -15,7 +15,7 @@ from torch import fx, nn
 from eightbit import hw
 from eightbit.calibrate import as_model_inputs, insert_observers, run_calibration
 from eightbit.capture import Captured, _with_batch, capture
-from eightbit.config import QuantConfig, effective_weight_spec
+from eightbit.config import QuantConfig, overflow_fix_active
 from eightbit.convert import Encoding, activation_encodings, convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
@@ -93,9 +93,10 @@ class QuantizedModel(nn.Module):
     def summary(self) -> str:
         """A table of every compute op: int8 or float, and why."""
         w = self.config.weights
+        reduced = sum(1 for e in self.weight_encodings.values() if e.qmax < w.qmax)
         lines = [
-            f"weights: {w.bits}-bit codes in int{w.container_bits}"
-            + (" (overflow fix: this CPU lacks VNNI)" if w.bits == 7 else ""),
+            f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
+            + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
             f"captured with {self.capture_method.value}"
             + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}",
@@ -141,8 +142,7 @@ def quantize(
     encodings: parameters saved by `QuantizedModel.save_encodings` (path or dict) to skip calibration.
     """
     config = config or QuantConfig()
-    weight_spec = effective_weight_spec(config, hw.saturation_risk())
-    config = replace(config, weights=weight_spec)
+    fix = overflow_fix_active(config, hw.saturation_risk())
     if calibration_data is None and encodings is None:
         raise ValueError(
             "pass calibration_data (representative inputs) or encodings saved from an earlier run"
@@ -164,7 +164,7 @@ def quantize(
     else:
         run_calibration(gm, _positional_batches(model, calibration_data), progress=progress)
         act = activation_encodings(observers, placement, config.activations)
-    weights = convert(gm, placement, act, config)
+    weights = convert(gm, placement, act, config, overflow_fix=fix)
     example = _with_batch(args, 2) if captured.dynamic_batch else args
     return QuantizedModel(
         gm,

@@ -11,9 +11,10 @@ import enum
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -24,6 +25,7 @@ __all__ = [
     "OpProfile",
     "Row",
     "Timing",
+    "batch_of",
     "benchmark_models",
     "categorize_op",
     "format_table",
@@ -31,6 +33,8 @@ __all__ = [
     "op_time_breakdown",
     "profile_ops",
     "throughput",
+    "time_calls",
+    "time_interleaved",
 ]
 
 
@@ -49,14 +53,29 @@ class Timing:
         """Throughput implied by the median call time."""
         return self.batch * 1000.0 / self.median_ms
 
+    @classmethod
+    def from_ms(cls, ms: Sequence[float] | np.ndarray, batch: int) -> Timing:
+        """Summarise per-call times (ms), e.g. pooled from several interleaved `time_calls` rounds."""
+        ms = np.asarray(ms, dtype=np.float64)
+        if ms.size == 0:
+            raise ValueError("no timed calls to summarise")
+        return cls(
+            median_ms=float(np.median(ms)),
+            p10_ms=float(np.percentile(ms, 10)),
+            p90_ms=float(np.percentile(ms, 90)),
+            iters=int(ms.size),
+            batch=batch,
+        )
 
-def _batch_of(feeds: Mapping[str, np.ndarray]) -> int:
+
+def batch_of(feeds: Mapping[str, np.ndarray]) -> int:
+    """Leading dimension of the first feed (the batch size the feeds run at)."""
     first = next(iter(feeds.values()))
     return int(first.shape[0]) if first.ndim else 1
 
 
-def latency(runner: Runner, feeds: dict[str, np.ndarray], warmup: int = 10, iters: int = 50) -> Timing:
-    """Time `iters` single calls of `runner.run(feeds)` after `warmup` untimed calls."""
+def time_calls(runner: Runner, feeds: dict[str, np.ndarray], warmup: int, iters: int) -> np.ndarray:
+    """Wall time in ms of each of `iters` calls, after `warmup` untimed calls."""
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     for _ in range(warmup):
@@ -66,14 +85,12 @@ def latency(runner: Runner, feeds: dict[str, np.ndarray], warmup: int = 10, iter
         t0 = time.perf_counter()
         runner.run(feeds)
         times[i] = time.perf_counter() - t0
-    ms = times * 1000.0
-    return Timing(
-        median_ms=float(np.median(ms)),
-        p10_ms=float(np.percentile(ms, 10)),
-        p90_ms=float(np.percentile(ms, 90)),
-        iters=iters,
-        batch=_batch_of(feeds),
-    )
+    return times * 1000.0
+
+
+def latency(runner: Runner, feeds: dict[str, np.ndarray], warmup: int = 10, iters: int = 50) -> Timing:
+    """Time `iters` single calls of `runner.run(feeds)` after `warmup` untimed calls."""
+    return Timing.from_ms(time_calls(runner, feeds, warmup, iters), batch_of(feeds))
 
 
 def throughput(runner: Runner, feeds: dict[str, np.ndarray], warmup: int = 3, iters: int = 10) -> float:
@@ -96,6 +113,30 @@ class Row:
 
 
 FeedMaker = Callable[[Runner, int], dict[str, np.ndarray]]
+K = TypeVar("K", bound=Hashable)
+
+
+def time_interleaved(
+    runners: Mapping[K, Runner],
+    feeds_for: Callable[[Runner], dict[str, np.ndarray]],
+    *,
+    warmup: int,
+    iters: int,
+    rounds: int = 4,
+) -> dict[K, Timing]:
+    """Time several runners in round-robin blocks of about iters/rounds calls each.
+
+    On a machine whose cores are shared, a burst of background load then hits every model alike instead
+    of whichever happened to be running, which keeps the ratios between models meaningful.
+    """
+    per_round = max(1, -(-iters // max(rounds, 1)))
+    feeds = {k: feeds_for(r) for k, r in runners.items()}
+    times: dict[K, list[np.ndarray]] = {k: [] for k in runners}
+    for i in range(max(rounds, 1)):
+        for key, runner in runners.items():
+            # One warm-up call per later round re-fills the caches the other models evicted.
+            times[key].append(time_calls(runner, feeds[key], warmup if i == 0 else 1, per_round))
+    return {k: Timing.from_ms(np.concatenate(v), batch_of(feeds[k])) for k, v in times.items()}
 
 
 def benchmark_models(
@@ -106,8 +147,9 @@ def benchmark_models(
     *,
     options: RuntimeOptions | None = None,
     iters: Callable[[int], tuple[int, int]] | None = None,
+    rounds: int = 4,
 ) -> list[Row]:
-    """Time every (model, backend, batch size) combination.
+    """Time every (model, backend, batch size) combination, models interleaved (see `time_interleaved`).
 
     Args:
         paths: label -> model file. OpenVINO IR (.xml) files are only run on OpenVINO.
@@ -117,19 +159,25 @@ def benchmark_models(
         options: threads / precision, shared by all runs.
         iters: batch -> (warmup, timed iterations); default 10/50 at batch 1 and 3/10 above, because
             large batches are slow and their per-call variance is small.
+        rounds: how many interleaved blocks the timed calls are split into.
     """
     iters = iters or (lambda b: (10, 50) if b == 1 else (3, 10))
+    runners = {
+        (label, backend): load(path, backend, options)
+        for label, path in paths.items()
+        for backend in backends
+        if not (backend is Backend.ORT and Path(path).suffix.lower() == ".xml")
+    }
     rows = []
-    for label, path in paths.items():
-        for backend in backends:
-            if backend is Backend.ORT and Path(path).suffix.lower() == ".xml":
-                continue
-            runner = load(path, backend, options)
-            for batch in batch_sizes:
-                warmup, n = iters(batch)
-                timing = latency(runner, make_feeds(runner, batch), warmup=warmup, iters=n)
-                rows.append(Row(label=label, backend=backend, timing=timing))
-    return rows
+    for batch in batch_sizes:
+        warmup, n = iters(batch)
+        timings = time_interleaved(
+            runners, lambda r, b=batch: make_feeds(r, b), warmup=warmup, iters=n, rounds=rounds
+        )
+        rows += [Row(label=lb, backend=be, timing=t) for (lb, be), t in timings.items()]
+    # Order rows by model, then backend, then batch, as callers list them.
+    order = {k: i for i, k in enumerate(runners)}
+    return sorted(rows, key=lambda r: (order[(r.label, r.backend)], r.batch))
 
 
 def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
@@ -241,6 +289,13 @@ class OpProfile:
     run_ms: float
     runs: int
 
+    def by_category(self) -> dict[str, float]:
+        """Kernel ms per run summed per `OpCategory` value; every category is present (0.0 if unused)."""
+        out = {c.value: 0.0 for c in OpCategory}
+        for (_, cat), ms in self.kernel_ms.items():
+            out[cat.value] += ms
+        return out
+
 
 def profile_ops(
     path: str | Path, feeds: dict[str, np.ndarray], threads: int = 2, runs: int = 10
@@ -290,8 +345,4 @@ def op_time_breakdown(
     The values add up to slightly less than the model's run time; the difference is ORT's per-run
     overhead (input/output binding, memory planning), not attributed to any kernel.
     """
-    prof = profile_ops(path, feeds, threads=threads, runs=runs)
-    out = {c.value: 0.0 for c in OpCategory}
-    for (_, cat), ms in prof.kernel_ms.items():
-        out[cat.value] += ms
-    return out
+    return profile_ops(path, feeds, threads=threads, runs=runs).by_category()

@@ -37,7 +37,8 @@ class OverflowFix(enum.Enum):
     Such CPUs (AVX2, AVX-512 without VNNI) multiply u8 activations by s8 weights with VPMADDUBSW, which sums
     pairs of products into int16: 255 * 127 * 2 overflows, and ONNX Runtime's results silently drift from
     the exact int8 model.  7-bit weights cannot overflow (255 * 63 * 2 < 32767).
-    AUTO applies the fix when the CPU running eightbit lacks VNNI.
+    AUTO applies the fix when the CPU running eightbit lacks VNNI.  Depthwise convolutions keep 8 bits: their
+    kernels accumulate in int32 directly and do not saturate (checked against ONNX Runtime's reference).
     """
 
     AUTO = "auto"
@@ -150,13 +151,14 @@ class QuantConfig:
             raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
 
 
-def effective_weight_spec(config: QuantConfig, saturation_risk: bool) -> QuantSpec:
-    """The weight spec actually used: 8-bit signed weights drop to 7-bit codes when the overflow fix applies."""
-    spec = config.weights
+def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:
+    """Whether 7-bit weight codes are used for GEMM-backed layers (see OverflowFix)."""
     fix = config.overflow_fix
-    applies = fix is OverflowFix.ENABLE or (fix is OverflowFix.AUTO and saturation_risk)
-    if applies and spec.signed and spec.bits == 8 and spec.narrow_range:
-        return replace(spec, bits=7)
-    if applies and spec.signed and spec.bits == 8:
-        return replace(spec, bits=7, narrow_range=True)
-    return spec
+    spec = config.weights
+    wanted = fix is OverflowFix.ENABLE or (fix is OverflowFix.AUTO and saturation_risk)
+    return wanted and spec.signed and spec.bits == 8
+
+
+def seven_bit(spec: QuantSpec) -> QuantSpec:
+    """The same spec with 7-bit codes ([-63, 63] when narrow)."""
+    return replace(spec, bits=7, narrow_range=True)

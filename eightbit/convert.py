@@ -13,7 +13,7 @@ from torch import fx
 
 from eightbit import ops, qmath
 from eightbit.calibrate import OBSERVER_PREFIX, activation_axis
-from eightbit.config import QuantConfig, QuantSpec
+from eightbit.config import QuantConfig, QuantSpec, seven_bit
 from eightbit.observers import Observer
 from eightbit.placement import Placement
 from eightbit.transforms.graph_utils import add_constant, attr_value
@@ -96,9 +96,17 @@ def _dequantized_constant(
 
 
 def convert(
-    gm: fx.GraphModule, placement: Placement, act_encodings: dict[str, Encoding], config: QuantConfig
+    gm: fx.GraphModule,
+    placement: Placement,
+    act_encodings: dict[str, Encoding],
+    config: QuantConfig,
+    *,
+    overflow_fix: bool = False,
 ) -> dict[str, Encoding]:
-    """Rewrite the observed graph in place into the quantized graph; returns the weight encodings."""
+    """Rewrite the observed graph in place into the quantized graph; returns the weight encodings.
+
+    With `overflow_fix`, weights of GEMM-backed layers (all but depthwise convolutions) use 7-bit codes.
+    """
     dq_of_call: dict[fx.Node, Encoding] = {}
     for call in list(gm.graph.nodes):
         if call.op == "call_module" and str(call.target).startswith(OBSERVER_PREFIX):
@@ -112,7 +120,9 @@ def convert(
         w = attr_value(gm, node.args[rule.weight_arg])
         if w is None:
             continue
-        enc = _weight_encoding(w, config.weights)
+        depthwise = w.dim() > 2 and w.shape[1] == 1
+        spec = seven_bit(config.weights) if overflow_fix and not depthwise else config.weights
+        enc = _weight_encoding(w, spec)
         enc.tensors = [node.name]
         scale, zp = enc.tensors_()
         q = ops.quantize(

@@ -6,7 +6,10 @@ given; rather than asking for a second file, the baseline is derived here:
 * a DequantizeLinear whose input is a constant (int8 weights, int32 biases) becomes a float32 initializer
   holding the dequantized values, so weights carry their quantization error but compute runs in fp32;
 * a QuantizeLinear -> DequantizeLinear pair on a tensor is removed and its consumers read the float tensor
-  directly (an identity, i.e. no activation rounding);
+  directly (no activation rounding). Where the pair's range starts at 0 (zero point = qmin), the pair was
+  also a clamp: quantizers drop a ReLU / ReLU6 in front of such a Q (ORT's quantize_static does), so a
+  Clip(0, range max) takes its place unless the tensor already comes out of a Relu/Clip. Two-sided ranges
+  only saturate outliers and are not reproduced;
 * anything else (e.g. a lone QuantizeLinear feeding a graph output) is left unchanged.
 
 Only QDQ-format models are handled; operator-format models (QLinearConv, ...) have no float equivalent
@@ -53,11 +56,44 @@ def _dequantize(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> np.ndarr
         keep = range(x.shape[axis])
         scale = np.repeat(scale, block, axis=axis).take(keep, axis=axis)
         zp = np.repeat(zp, block, axis=axis).take(keep, axis=axis)
-    elif scale.ndim == 1:  # per-axis: the 1-D scale runs along `axis`
+    elif scale.ndim == 1 and x.ndim > 0:  # per-axis: the 1-D scale runs along `axis`
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return ((x - zp) * scale).astype(np.float32)
+
+
+_INT_RANGES = {
+    np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.uint8, np.int8, np.uint16, np.int16)
+}
+_CLAMPS = {"Relu", "Clip"}
+
+
+def _clamp_node(
+    q: onnx.NodeProto, consts: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto], new_inits: list
+) -> onnx.NodeProto | None:
+    """The Clip (or Relu) a removed Q -> DQ pair with a range starting at 0 stands for, else None."""
+    src = producers.get(q.input[0])
+    if src is not None and src.op_type in _CLAMPS and src.domain in _QDQ_DOMAINS:
+        return None  # already clamped in float; the quantizer kept the activation
+    if len(q.input) < 3 or q.input[1] not in consts or q.input[2] not in consts:
+        return None  # no zero point: ONNX defaults to uint8 with zp 0, but only explicit graphs are rewritten
+    scale, zp = consts[q.input[1]], consts[q.input[2]]
+    if zp.dtype not in _INT_RANGES:
+        return None
+    qmin, qmax = _INT_RANGES[zp.dtype]
+    if not np.all(zp == qmin):
+        return None
+    out = f"{q.output[0]}_clamp"
+    if scale.size != 1:  # per-channel ranges: Clip needs scalar bounds, keep just the lower one
+        return helper.make_node("Relu", [q.input[0]], [out], name=out)
+    hi = float(scale.reshape(())) * float(qmax - qmin)
+    lo_name, hi_name = f"{out}_min", f"{out}_max"
+    new_inits += [
+        numpy_helper.from_array(np.float32(0.0), lo_name),
+        numpy_helper.from_array(np.float32(hi), hi_name),
+    ]
+    return helper.make_node("Clip", [q.input[0], lo_name, hi_name], [out], name=out)
 
 
 def _rename_inputs(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
@@ -104,8 +140,9 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return the float32 equivalent of a QDQ model (the input model is not modified).
 
     Constant-input DequantizeLinear nodes are folded into float32 initializers and activation
-    QuantizeLinear -> DequantizeLinear pairs are removed, re-linking their consumers to the float tensor.
-    Graph outputs keep their names (an Identity is inserted where a removed DQ produced one).
+    QuantizeLinear -> DequantizeLinear pairs are removed, re-linking their consumers to the float tensor
+    (through a Clip where the pair's range starts at 0, see the module docstring). Graph outputs keep their
+    names (an Identity is inserted where a removed DQ produced one).
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
@@ -116,6 +153,7 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     rename: dict[str, str] = {}
+    float_of: dict[str, str] = {}  # Q output -> float tensor that replaces its DQs' outputs
     for node in graph.node:
         if not _is(node, "DequantizeLinear"):
             new_nodes.append(node)
@@ -126,10 +164,17 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         q = producers.get(node.input[0])
         if q is not None and _is(q, "QuantizeLinear"):
+            if q.output[0] not in float_of:  # one clamp per Q, however many DQs read it
+                clamp = _clamp_node(q, consts, producers, new_inits)
+                if clamp is not None:
+                    new_nodes.append(clamp)
+                float_of[q.output[0]] = clamp.output[0] if clamp is not None else q.input[0]
             if node.output[0] in graph_outputs:
-                new_nodes.append(helper.make_node("Identity", [q.input[0]], [node.output[0]], name=node.name))
+                new_nodes.append(
+                    helper.make_node("Identity", [float_of[q.output[0]]], [node.output[0]], name=node.name)
+                )
             else:
-                rename[node.output[0]] = q.input[0]
+                rename[node.output[0]] = float_of[q.output[0]]
             continue
         new_nodes.append(node)
 

@@ -1,0 +1,12 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

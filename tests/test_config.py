@@ -1,0 +1,60 @@
+import dataclasses
+
+import pytest
+
+from eightbit import Granularity, OpKind, QuantConfig, QuantSpec, int8_weights, uint8_activations
+from eightbit.config import OverflowFix, effective_weight_spec
+
+
+def test_defaults_match_fast_x86_formats():
+    cfg = QuantConfig()
+    assert (cfg.weights.qmin, cfg.weights.qmax, cfg.weights.per_channel) == (-127, 127, True)
+    assert (cfg.activations.qmin, cfg.activations.qmax, cfg.activations.symmetric) == (0, 255, False)
+
+
+def test_frozen_and_keyword_only():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantConfig().fold_batchnorm = False
+    with pytest.raises(TypeError):
+        QuantSpec(8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=1), "bits"),
+        (dict(bits=17), "bits"),
+        (dict(narrow_range=True, signed=False), "narrow_range"),
+        (dict(method="kl2"), "valid methods"),
+        (dict(percentile=10.0), "percentile"),
+        (dict(granularity="per_tensor"), "Granularity"),
+    ],
+)
+def test_invalid_specs_are_refused(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        QuantSpec(**kwargs)
+
+
+def test_keep_float_takes_tuples_and_enums():
+    with pytest.raises(TypeError, match="tuples"):
+        QuantConfig(keep_float="fc")
+    with pytest.raises(TypeError, match="OpKind"):
+        QuantConfig(keep_float_ops=("conv",))
+    assert QuantConfig(keep_float_ops=(OpKind.ADD,)).keep_float_ops == (OpKind.ADD,)
+
+
+def test_bit_widths_and_containers():
+    spec = QuantSpec(bits=4, signed=True, symmetric=True)
+    assert (spec.qmin, spec.qmax, spec.container_bits) == (-8, 7, 8)
+    assert QuantSpec(bits=12).container_bits == 16
+    assert uint8_activations(granularity=Granularity.PER_CHANNEL).per_channel
+
+
+def test_overflow_fix_reduces_weights_to_seven_bits_only_when_it_applies():
+    cfg = QuantConfig()
+    assert effective_weight_spec(cfg, saturation_risk=True).qmax == 63
+    assert effective_weight_spec(cfg, saturation_risk=False).qmax == 127
+    off = QuantConfig(overflow_fix=OverflowFix.DISABLE)
+    assert effective_weight_spec(off, saturation_risk=True).qmax == 127
+    on = QuantConfig(overflow_fix=OverflowFix.ENABLE, weights=int8_weights(narrow_range=False))
+    assert effective_weight_spec(on, saturation_risk=False).qmin == -63
