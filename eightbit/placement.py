@@ -62,6 +62,7 @@ QUANTIZED_OPS: dict[object, OpRule] = {
 # Applied to a quantized op's output before its Q/DQ pair: the runtimes fuse them into the int8 kernel.
 FUSED_ACTIVATIONS = {
     aten.relu.default,
+    aten.relu6.default,
     aten.relu_.default,
     aten.hardtanh.default,
     aten.hardtanh_.default,

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from eightbit import Granularity, OpKind, QuantConfig, QuantSpec, int8_weights, uint8_activations
-from eightbit.config import OverflowFix, effective_weight_spec
+from eightbit.config import OverflowFix, overflow_fix_active, seven_bit
 
 
 def test_defaults_match_fast_x86_formats():
@@ -50,11 +50,12 @@ def test_bit_widths_and_containers():
     assert uint8_activations(granularity=Granularity.PER_CHANNEL).per_channel
 
 
-def test_overflow_fix_reduces_weights_to_seven_bits_only_when_it_applies():
+def test_overflow_fix_applies_to_signed_8bit_weights_when_the_cpu_saturates():
     cfg = QuantConfig()
-    assert effective_weight_spec(cfg, saturation_risk=True).qmax == 63
-    assert effective_weight_spec(cfg, saturation_risk=False).qmax == 127
-    off = QuantConfig(overflow_fix=OverflowFix.DISABLE)
-    assert effective_weight_spec(off, saturation_risk=True).qmax == 127
-    on = QuantConfig(overflow_fix=OverflowFix.ENABLE, weights=int8_weights(narrow_range=False))
-    assert effective_weight_spec(on, saturation_risk=False).qmin == -63
+    assert overflow_fix_active(cfg, saturation_risk=True)
+    assert not overflow_fix_active(cfg, saturation_risk=False)
+    assert not overflow_fix_active(QuantConfig(overflow_fix=OverflowFix.DISABLE), saturation_risk=True)
+    assert overflow_fix_active(QuantConfig(overflow_fix=OverflowFix.ENABLE), saturation_risk=False)
+    assert not overflow_fix_active(QuantConfig(weights=int8_weights(bits=6)), saturation_risk=True)
+    assert (seven_bit(int8_weights()).qmin, seven_bit(int8_weights()).qmax) == (-63, 63)
+    assert seven_bit(int8_weights(narrow_range=False)).qmin == -63

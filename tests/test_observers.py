@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from eightbit.config import uint8_activations
-from eightbit.observers import METHODS, HistogramStats, MinMaxStats, Observer, histogram_quantile, lookup_method
+from eightbit.observers import METHODS, Statistic, HistogramStats, MinMaxStats, Observer, histogram_quantile, lookup_method
 
 
 def test_minmax_stats_stream_equals_whole():
@@ -59,12 +59,13 @@ def test_percentile_clips_outliers_minmax_does_not():
     pct(x)
     mm(x)
     assert float(mm.compute_range()[1]) == 1000.0
-    assert 0.98 < float(pct.compute_range()[1]) < 1.01
+    width = pct.stats[Statistic.HISTOGRAM].width
+    assert abs(float(pct.compute_range()[1]) - 0.999) <= width  # resolution of a 2048-bin histogram
 
 
 def test_observer_rejects_nan_with_a_clear_message():
     obs = Observer(uint8_activations(), None, "tensor 'relu'")
-    with pytest.raises(ValueError, match="NaN or Inf reached tensor 'relu'"):
+    with pytest.raises(ValueError, match=r"NaN or Inf\) reached tensor 'relu'"):
         obs(torch.tensor([1.0, float("nan")]))
 
 

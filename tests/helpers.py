@@ -1,0 +1,59 @@
+"""Tiny models shared by tests."""
+
+import torch
+from torch import nn
+
+
+class ResidualNet(nn.Module):
+    """conv-bn-relu, a residual add, max-pool, global average pool, linear classifier."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.conv(x) + x
+        x = self.pool(x)
+        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-style block: depthwise 3x3 + ReLU6, pointwise 1x1, classifier."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, 2 * c, 1)
+        self.fc = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        x = nn.functional.relu6(self.dw(x))
+        x = self.pw(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    """Two branches concatenated (inception-style) then a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.mix(y)
+
+
+def calibration_batches(n: int = 4, batch: int = 8, size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n)]
