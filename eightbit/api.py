@@ -96,7 +96,11 @@ class QuantizedModel(nn.Module):
         reduced = sum(1 for e in self.weight_encodings.values() if e.qmax < w.qmax)
         lines = [
             f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
-            + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
+            + (
+                f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)"
+                if reduced
+                else ""
+            ),
             f"captured with {self.capture_method.value}"
             + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}",

@@ -112,6 +112,7 @@ def convert(
         if call.op == "call_module" and str(call.target).startswith(OBSERVER_PREFIX):
             group = str(call.target)[len(OBSERVER_PREFIX) :]
             dq_of_call[_insert_qdq(gm, call, group, act_encodings[group])] = act_encodings[group]
+    pad_in_integer_domain(gm)
     weight_encodings = {}
     for node in list(gm.graph.nodes):
         rule = placement.quantized_ops.get(node.name)
@@ -170,3 +171,53 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     ]:
         if name not in used:
             delattr(gm, name)
+
+
+_PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
+
+
+def _is_op(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _zero_pad_args(node: fx.Node) -> tuple | None:
+    """(input, pads) of a constant zero pad, else None."""
+    if node.target is torch.ops.aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    else:
+        mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    return (node.args[0], node.args[1]) if mode == "constant" and not value else None
+
+
+def pad_in_integer_domain(gm: fx.GraphModule) -> int:
+    """Rewrite DQ -> pad -> Q (same parameters) into pad(q, value=zero_point) -> DQ.
+
+    ONNX Runtime has no int8 rule for Pad, so a float Pad between DQ and Q costs a dequantize, a float pad
+    and a quantize of the whole tensor; padding the uint8 codes with the zero point is exact and cheap, and
+    leaves DQ -> Conv -> Q for the runtime to fuse.  Returns the number of pads moved.
+    """
+    moved = 0
+    for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _PADS]:
+        parsed = _zero_pad_args(pad)
+        if parsed is None or len(pad.users) != 1:
+            continue
+        dq_in, pads = parsed
+        (q_out,) = pad.users
+        if not (_is_op(dq_in, ops.DEQUANTIZE) and _is_op(q_out, ops.QUANTIZE)):
+            continue
+        q_in = dq_in.args[0]
+        zp = attr_value(gm, dq_in.args[2])
+        same = all(
+            torch.equal(attr_value(gm, a), attr_value(gm, b))
+            for a, b in ((dq_in.args[1], q_out.args[1]), (dq_in.args[2], q_out.args[2]))
+        )
+        if not (_is_op(q_in, ops.QUANTIZE) and zp is not None and zp.dim() == 0 and same):
+            continue
+        with gm.graph.inserting_before(pad):
+            int_pad = gm.graph.call_function(torch.ops.aten.constant_pad_nd.default, (q_in, pads, int(zp)))
+        q_out.replace_all_uses_with(int_pad)
+        gm.graph.erase_node(q_out)
+        gm.graph.erase_node(pad)
+        moved += 1
+    return moved

@@ -69,6 +69,22 @@ def _np_dtype(value) -> str | None:
         return None
 
 
+def spatial_mean_onnx(self, dim, keepdim: bool = False, dtype: int = -1):
+    """ONNX handler for mean over H, W of an NCHW tensor: GlobalAveragePool, which ONNX Runtime runs in
+    int8 between DQ and Q (it has no int8 ReduceMean).  Other means keep the standard ReduceMean."""
+    dims = [int(d) % 4 for d in dim] if isinstance(dim, (list, tuple)) and len(self.shape) == 4 else None
+    if dims is not None and sorted(dims) == [2, 3] and dtype in (-1, None):
+        pooled = op.GlobalAveragePool(self)
+        return pooled if keepdim else op.Squeeze(pooled, op.Constant(value_ints=[2, 3]))
+    axes = (
+        op.Constant(value_ints=list(dim))
+        if isinstance(dim, (list, tuple))
+        else op.Reshape(dim, op.Constant(value_ints=[-1]))
+    )
+    result = op.ReduceMean(self, axes, keepdims=keepdim)
+    return result if dtype in (-1, None) else op.Cast(result, to=dtype)
+
+
 # The op overloads that graph nodes target.
 QUANTIZE = torch.ops.eightbit.quantize.default
 DEQUANTIZE = torch.ops.eightbit.dequantize.default
@@ -76,4 +92,5 @@ DEQUANTIZE = torch.ops.eightbit.dequantize.default
 ONNX_TRANSLATIONS = {
     QUANTIZE: quantize_onnx,
     DEQUANTIZE: dequantize_onnx,
+    torch.ops.aten.mean.dim: spatial_mean_onnx,
 }

@@ -1,0 +1,144 @@
+"""Command line: `eightbit quantize` and `eightbit bench`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from eightbit.capture import CaptureError
+from eightbit.data import Normalization
+
+
+def _load_model(spec: str) -> torch.nn.Module:
+    """A model from `package.module:factory` or a saved torch.export program (.pt2)."""
+    if spec.endswith(".pt2"):
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        try:
+            return torch.export.load(path).module()
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable torch.export program: {exc}") from exc
+    if ":" not in spec:
+        raise ValueError(f"model must be 'package.module:factory' or a .pt2 file, got {spec!r}")
+    module_name, factory = spec.split(":", 1)
+    module = importlib.import_module(module_name)
+    if not hasattr(module, factory):
+        raise ValueError(f"{module_name} has no attribute {factory!r}")
+    model = getattr(module, factory)()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")
+    return model.eval()
+
+
+def _cmd_quantize(args) -> int:
+    from eightbit import Granularity, QuantConfig, int8_weights, quantize, uint8_activations
+    from eightbit.data import ImagePreprocess, calibration_files, folder_batches
+    from eightbit.fileio import check_output_path
+
+    check_output_path(args.out, args.force)  # fail before the slow work
+    calibration_files(args.calib)
+    model = _load_model(args.model)
+    preprocess = ImagePreprocess(
+        size=args.image_size,
+        resize=args.resize or round(args.image_size * 256 / 224),
+        normalization=Normalization(args.normalize),
+    )
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    weights = int8_weights(
+        granularity=Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL
+    )
+    activations = uint8_activations(method=args.method, percentile=args.percentile)
+    config = QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float))
+    batches = lambda: folder_batches(
+        args.calib,
+        batch_size=args.batch_size,
+        preprocess=preprocess,  # noqa: E731
+        sample_shape=shape,
+        limit=args.max_samples,
+    )
+    qm = quantize(model, _Reiterable(batches), config=config, progress=not args.quiet)
+    report = qm.export_onnx(args.out, overwrite=args.force)
+    print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
+    print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
+    if report.parity is not None:
+        print(report.parity)
+    if args.encodings:
+        qm.save_encodings(args.encodings, overwrite=args.force)
+        print(f"wrote {args.encodings}")
+    return 0
+
+
+class _Reiterable:
+    def __init__(self, make):
+        self._make = make
+
+    def __iter__(self):
+        return iter(self._make())
+
+
+def _cmd_bench(args) -> int:
+    from eightbit.benchmark import bench_cli
+
+    return bench_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eightbit", description="Turn PyTorch models into fast int8 models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a PyTorch model to an int8 ONNX (QDQ) model")
+    q.add_argument(
+        "model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program"
+    )
+    q.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")
+    q.add_argument("--out", required=True, help="output .onnx path")
+    q.add_argument("--force", action="store_true", help="overwrite existing output files")
+    q.add_argument("--method", default="minmax", help="activation calibration method (minmax, percentile)")
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--per-tensor-weights", action="store_true")
+    q.add_argument(
+        "--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float"
+    )
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument(
+        "--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)"
+    )
+    q.add_argument("--normalize", choices=[n.value for n in Normalization], default="imagenet")
+    q.add_argument("--input-shape", help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--max-samples", type=int, default=None)
+    q.add_argument("--encodings", help="also save the quantization parameters (JSON) here")
+    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--verbose", action="store_true", help="print the per-op table")
+    q.set_defaults(func=_cmd_quantize)
+    b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
+    b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")
+    b.add_argument("--fp32", help="the fp32 .onnx to compare against (default: derived from the int8 model)")
+    b.add_argument("--batch", type=int, default=32, help="throughput batch size")
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
+    b.add_argument("--iters", type=int, default=30)
+    b.add_argument(
+        "--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category"
+    )
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError, CaptureError) as exc:
+        print(f"eightbit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The public API on good and bad input."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from eightbit import CaptureError, QuantConfig, quantize
+from tests.helpers import DepthwiseNet, ResidualNet, calibration_batches
+
+
+def test_quantized_model_tracks_float_model():
+    model = ResidualNet().eval()
+    qm = quantize(model, calibration_batches(8), progress=False)
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        ref, out = model(x), qm(x)
+    assert torch.nn.functional.cosine_similarity(ref, out).min() > 0.98
+    assert isinstance(qm, nn.Module) and "graph_module.conv2d_weight_q" in qm.state_dict()
+
+
+def test_users_model_is_never_modified():
+    model = ResidualNet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantize(model, calibration_batches(), progress=False)
+    assert model.training  # mode untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_accepts_generators_dataloaders_and_dicts():
+    model = DepthwiseNet().eval()
+    gen = (b for b in calibration_batches())
+    assert quantize(model, gen, progress=False).weight_encodings
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 3, 16, 16)), batch_size=4)
+    assert quantize(model, loader, progress=False).weight_encodings  # yields 1-tuples
+    dicts = [{"x": b} for b in calibration_batches()]
+    assert quantize(model, dicts, progress=False).weight_encodings
+
+
+def test_uncapturable_model_gets_actionable_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -x
+
+    with pytest.raises(CaptureError, match="torch.where or torch.cond"):
+        quantize(Branchy(), [torch.randn(2, 4)], progress=False)
+
+
+def test_empty_calibration_data():
+    with pytest.raises(ValueError, match="empty"):
+        quantize(DepthwiseNet(), [], progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        quantize(DepthwiseNet(), [], example_inputs=torch.randn(1, 3, 16, 16), progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_data(bad):
+    batches = calibration_batches()
+    batches[2][0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match="calibration batch 2 contains NaN or Inf"):
+        quantize(DepthwiseNet().eval(), batches, progress=False)
+
+
+def test_constant_activation_and_all_zero_weight_channel():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()  # every first-layer output is its bias: a constant activation
+        model[0].bias.copy_(torch.tensor([0.0, 0.5, 1.0, -1.0]))
+        model[2].weight[1].zero_()  # an all-zero output channel
+    qm = quantize(model, calibration_batches(), progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref, out = model(x), qm(x)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, ref, atol=0.02)
+    assert torch.allclose(out[:, 1], ref[:, 1], atol=1e-3)  # zero channel = its (int32) bias
+
+
+def test_encodings_round_trip(tmp_path):
+    model = ResidualNet().eval()
+    qm = quantize(model, calibration_batches(), progress=False)
+    path = tmp_path / "enc.json"
+    qm.save_encodings(path)
+    again = quantize(model, encodings=path, example_inputs=torch.randn(1, 3, 16, 16), progress=False)
+    x = torch.randn(3, 3, 16, 16)
+    assert torch.equal(qm(x), again(x))
+    with pytest.raises(FileExistsError):
+        qm.save_encodings(path)
+
+
+def test_bad_encodings_files(tmp_path):
+    model = ResidualNet().eval()
+    example = torch.randn(1, 3, 16, 16)
+    with pytest.raises(FileNotFoundError):
+        quantize(model, encodings=tmp_path / "missing.json", example_inputs=example)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid eightbit encodings file"):
+        quantize(model, encodings=corrupt, example_inputs=example)
+    other = quantize(DepthwiseNet().eval(), calibration_batches(), progress=False)
+    wrong = tmp_path / "other.json"
+    wrong.write_text(json.dumps(other.encodings()))
+    with pytest.raises(ValueError, match="different model or config"):
+        quantize(model, encodings=wrong, example_inputs=example)
+
+
+def test_summary_lists_int8_and_float_ops():
+    qm = quantize(ResidualNet().eval(), calibration_batches(), config=QuantConfig(keep_float=("fc",)), progress=False)
+    text = qm.summary()
+    assert "BatchNorms folded: 1" in text
+    assert "linear" in text and "kept float by config" in text
