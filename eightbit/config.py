@@ -121,7 +121,9 @@ class QuantConfig:
         covers everything below it.
     keep_float_ops: op families that stay float everywhere.
     fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear before quantizing.
-    quantize_outputs: also quantize the model's outputs (normally left float so logits keep full precision).
+    quantize_outputs: also quantize model outputs made by linear/matmul layers (left float by default: logits
+        keep full precision and int8 Gemm/MatMul kernels accept float outputs).  Outputs of other ops are
+        always quantized, since runtimes would otherwise run the op itself in float.
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     """
 

@@ -29,6 +29,8 @@ class OpRule:
     weight_arg: position of a constant weight quantized per channel, or None.
     bias_arg: position of a constant bias stored as int32 at scale input_scale * weight_scale.
     quantize_output: give the output (after fused activations) its own Q/DQ pair.
+    float_output_ok: the runtimes have int8 kernels with a float output for this op (Gemm/MatMul), so a
+        model output produced by it can stay float at no speed cost.
     """
 
     kind: OpKind
@@ -36,11 +38,12 @@ class OpRule:
     weight_arg: int | None = None
     bias_arg: int | None = None
     quantize_output: bool = True
+    float_output_ok: bool = False
 
 
 _CONV = OpRule(OpKind.CONV, (0,), weight_arg=1, bias_arg=2)
-_LINEAR = OpRule(OpKind.LINEAR, (0,), weight_arg=1, bias_arg=2)
-_MATMUL = OpRule(OpKind.MATMUL, (0, 1))
+_LINEAR = OpRule(OpKind.LINEAR, (0,), weight_arg=1, bias_arg=2, float_output_ok=True)
+_MATMUL = OpRule(OpKind.MATMUL, (0, 1), float_output_ok=True)
 _POOL = OpRule(OpKind.POOL, (0,))
 
 QUANTIZED_OPS: dict[object, OpRule] = {
@@ -195,7 +198,8 @@ def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
         for tensor in inputs:
             groups.add(tensor)
         end = _fused_chain_end(node)
-        if rule.quantize_output and (config.quantize_outputs or end not in outputs):
+        keep_float_output = end in outputs and rule.float_output_ok and not config.quantize_outputs
+        if rule.quantize_output and not keep_float_output:
             groups.add(end)
     _share_through_data_movement(gm, groups)
     members: dict[fx.Node, list[str]] = {}
