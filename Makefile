@@ -1,0 +1,39 @@
+# Every target sets itself up: a fresh clone needs only `make demo` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, so no other package can pull a different (CUDA) build.
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,demo]"
+	# Data-only package (20 labelled ImageNet photos); its dependencies are not needed.
+	$(BIN)/pip install -q --no-deps foolbox==3.3.4
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m eightbit.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check eightbit tests bench
+	$(BIN)/ruff format --check eightbit tests bench
+
+bench: setup
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python bench/run_ptq.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
