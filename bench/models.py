@@ -4,6 +4,12 @@ torchvision is deliberately not a dependency (it pins its own torch build); thes
 torchvision's ResNet (v1.5: stride on the 3x3 conv of a bottleneck) and MobileNetV2 code, including module
 names, so a torchvision state_dict would load into them. Weights are randomly initialised the way torchvision
 does it: only speed is measured with them, not accuracy.
+
+torchvision's initialisation alone leaves eval-mode BatchNorm as an identity, and then activations drift
+by orders of magnitude through the network (MobileNetV2's depthwise convs, initialised with fan_out =
+channels * 9, shrink them to ~1e-9 logits, which an int8 quantizer rounds to exactly 0). The builders
+therefore "settle" BatchNorm by default: running statistics measured on a few random batches, as training
+would leave them, so every layer sees unit-scale activations and int8-vs-fp32 agreement means something.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["BenchModel", "build", "mobilenet_v2", "resnet18", "resnet50"]
+__all__ = ["BenchModel", "build", "mobilenet_v2", "resnet18", "resnet50", "settle_batchnorm"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -188,22 +194,42 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def resnet18(seed: int = 0) -> ResNet:
-    """ResNet-18 (11,689,512 parameters), random init, eval mode."""
+def settle_batchnorm(model: nn.Module, steps: int = 2, batch: int = 4, seed: int = 0) -> nn.Module:
+    """Set every BatchNorm's running statistics from random 224x224 inputs; returns the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the steps rather than an exponential one
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(batch, 3, 224, 224, generator=gen))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _finish(model: nn.Module, settle_bn: bool, seed: int) -> nn.Module:
+    return settle_batchnorm(model, seed=seed) if settle_bn else model.eval()
+
+
+def resnet18(seed: int = 0, settle_bn: bool = True) -> ResNet:
+    """ResNet-18 (11,689,512 parameters), random init, eval mode (BatchNorm settled by default)."""
     torch.manual_seed(seed)
-    return ResNet(BasicBlock, [2, 2, 2, 2]).eval()
+    return _finish(ResNet(BasicBlock, [2, 2, 2, 2]), settle_bn, seed)
 
 
-def resnet50(seed: int = 0) -> ResNet:
-    """ResNet-50 v1.5 (25,557,032 parameters), random init, eval mode."""
+def resnet50(seed: int = 0, settle_bn: bool = True) -> ResNet:
+    """ResNet-50 v1.5 (25,557,032 parameters), random init, eval mode (BatchNorm settled by default)."""
     torch.manual_seed(seed)
-    return ResNet(Bottleneck, [3, 4, 6, 3]).eval()
+    return _finish(ResNet(Bottleneck, [3, 4, 6, 3]), settle_bn, seed)
 
 
-def mobilenet_v2(seed: int = 0) -> MobileNetV2:
-    """MobileNetV2 1.0 (3,504,872 parameters), random init, eval mode."""
+def mobilenet_v2(seed: int = 0, settle_bn: bool = True) -> MobileNetV2:
+    """MobileNetV2 1.0 (3,504,872 parameters), random init, eval mode (BatchNorm settled by default)."""
     torch.manual_seed(seed)
-    return MobileNetV2().eval()
+    return _finish(MobileNetV2(), settle_bn, seed)
 
 
 class BenchModel(enum.Enum):
@@ -214,16 +240,17 @@ class BenchModel(enum.Enum):
     MOBILENET_V2 = "mobilenet_v2"
 
 
-_BUILDERS: dict[BenchModel, Callable[[int], nn.Module]] = {
+_BUILDERS: dict[BenchModel, Callable[..., nn.Module]] = {
     BenchModel.RESNET18: resnet18,
     BenchModel.RESNET50: resnet50,
     BenchModel.MOBILENET_V2: mobilenet_v2,
 }
 
 
-def build(model: BenchModel, seed: int = 0) -> nn.Module:
+def build(model: BenchModel, seed: int = 0, settle_bn: bool = True) -> nn.Module:
     """Instantiate a benchmark model (eval mode) by enum member."""
     try:
-        return _BUILDERS[model](seed)
+        builder = _BUILDERS[model]
     except KeyError:
         raise ValueError(f"unknown model {model!r}; valid: {[m.value for m in _BUILDERS]}") from None
+    return builder(seed, settle_bn=settle_bn)

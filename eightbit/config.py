@@ -124,6 +124,7 @@ class QuantConfig:
     quantize_outputs: also quantize model outputs made by linear/matmul layers (left float by default: logits
         keep full precision and int8 Gemm/MatMul kernels accept float outputs).  Outputs of other ops are
         always quantized, since runtimes would otherwise run the op itself in float.
+    bias_correction: fold the mean output shift caused by weight rounding into each layer's bias.
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     """
 
@@ -134,6 +135,7 @@ class QuantConfig:
     fold_batchnorm: bool = True
     quantize_outputs: bool = False
     overflow_fix: OverflowFix = OverflowFix.AUTO
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, QuantSpec) or not isinstance(self.activations, QuantSpec):

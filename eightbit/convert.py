@@ -16,6 +16,7 @@ from eightbit.calibrate import OBSERVER_PREFIX, activation_axis
 from eightbit.config import QuantConfig, QuantSpec, seven_bit
 from eightbit.observers import Observer
 from eightbit.placement import Placement
+from eightbit.transforms.bias_correction import bias_shift
 from eightbit.transforms.graph_utils import add_constant, attr_value
 
 
@@ -30,6 +31,7 @@ class Encoding:
     axis: int | None
     range: tuple[list[float], list[float]] | None = None
     tensors: list[str] = field(default_factory=list)
+    mean: list[float] | None = None  # per-channel mean seen in calibration (bias correction)
 
     def tensors_(self) -> tuple[torch.Tensor, torch.Tensor]:
         per = self.axis is not None
@@ -58,6 +60,8 @@ def activation_encodings(
         lo, hi = observer.compute_range()
         enc = encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, activation_axis(spec))
         enc.tensors = list(placement.groups[group])
+        mean = observer.channel_mean()
+        enc.mean = None if mean is None else mean.tolist()
         out[group] = enc
     return out
 
@@ -131,7 +135,8 @@ def convert(
         )
         args = list(node.args)
         args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
-        _quantize_bias(gm, node, rule, args, dq_of_call, scale)
+        shift = _bias_shift(node, rule, args, dq_of_call, w, q, enc) if config.bias_correction else None
+        _quantize_bias(gm, node, rule, args, dq_of_call, scale, shift)
         node.args = tuple(args)
         weight_encodings[node.name] = enc
     gm.graph.eliminate_dead_code()
@@ -141,15 +146,31 @@ def convert(
     return weight_encodings
 
 
-def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale) -> None:
-    """Store the bias as int32 at scale input_scale * weight_scale: what int8 kernels accumulate into, and
-    what ONNX Runtime needs to fuse a float-output Gemm."""
+def _bias_shift(node, rule, args, dq_of_call, w, q, enc) -> torch.Tensor | None:
+    """The bias correction for one layer, if its input's channel mean is known and fits."""
+    act = dq_of_call.get(args[rule.activation_args[0]])
+    if act is None or act.mean is None:
+        return None
+    groups = node.args[6] if node.target is not torch.ops.aten.linear.default and len(node.args) > 6 else 1
+    mean = torch.tensor(act.mean)
+    if mean.numel() != w.shape[1] * groups:
+        return None
+    scale, zp = enc.tensors_()
+    error = qmath.dequantize(q, scale, zp, enc.axis) - w.detach().float()
+    return bias_shift(error, mean, groups).float()
+
+
+def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None) -> None:
+    """Store the bias (minus any correction) as int32 at scale input_scale * weight_scale: what int8 kernels
+    accumulate into, and what ONNX Runtime needs to fuse a float-output Gemm."""
     pos = rule.bias_arg
     bias = attr_value(gm, args[pos]) if pos is not None and pos < len(args) else None
     source = args[rule.activation_args[0]]
     act = dq_of_call.get(source)
     if bias is None or act is None or act.axis is not None:
         return
+    if shift is not None:
+        bias = bias.detach().float() - shift
     in_scale = torch.tensor(act.scale[0])
     scale = (in_scale * w_scale).reshape(-1).expand(bias.shape[0]).contiguous()
     q = qmath.quantize_bias(bias.detach().float(), in_scale, w_scale)

@@ -20,6 +20,35 @@ from torch import nn
 class Statistic(enum.Enum):
     MINMAX = "minmax"
     HISTOGRAM = "histogram"
+    CHANNEL_MEAN = "channel_mean"
+
+
+class ChannelMeanStats:
+    """Running mean per channel: axis 1 of conv-shaped (4-D/5-D) tensors, the last axis of 2-D ones.
+
+    Used by bias correction; 3-D tensors are ambiguous (conv1d vs. sequence) and are skipped.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        if x.dim() == 2:
+            flat = x.detach().double()
+        elif x.dim() in (4, 5):
+            flat = x.detach().double().transpose(1, -1).reshape(-1, x.shape[1])
+        else:
+            return
+        total = flat.sum(0)
+        if self.total is not None and self.total.shape != total.shape:
+            self.total = None  # channel count changed between uses: no meaningful mean
+            return
+        self.total = total if self.total is None else self.total + total
+        self.count += flat.shape[0]
+
+    def mean(self) -> torch.Tensor | None:
+        return None if self.total is None or self.count == 0 else (self.total / self.count).float()
 
 
 class MinMaxStats:
@@ -173,7 +202,8 @@ class Observer(nn.Module):
         self.label = label
         method = lookup_method(spec.method)
         self.stats: dict[Statistic, object] = {
-            Statistic.MINMAX: MinMaxStats(axis if spec.per_channel else None)
+            Statistic.MINMAX: MinMaxStats(axis if spec.per_channel else None),
+            Statistic.CHANNEL_MEAN: ChannelMeanStats(),  # cheap; feeds bias correction
         }
         if Statistic.HISTOGRAM in method.needs:
             self.stats[Statistic.HISTOGRAM] = HistogramStats()
@@ -192,6 +222,9 @@ class Observer(nn.Module):
 
     def observed(self) -> bool:
         return self.stats[Statistic.MINMAX].lo is not None
+
+    def channel_mean(self) -> torch.Tensor | None:
+        return self.stats[Statistic.CHANNEL_MEAN].mean()
 
     def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return lookup_method(self.spec.method).compute_range(self.stats, self.spec)
