@@ -134,8 +134,11 @@ def time_interleaved(
     times: dict[K, list[np.ndarray]] = {k: [] for k in runners}
     for i in range(max(rounds, 1)):
         for key, runner in runners.items():
-            # One warm-up call per later round re-fills the caches the other models evicted.
-            times[key].append(time_calls(runner, feeds[key], warmup if i == 0 else 1, per_round))
+            # Later rounds re-warm too: the previous runner's threads (ORT spins after each run) and evicted
+            # caches slow the first calls after a switch; one call was measured not to be enough for OpenVINO.
+            times[key].append(
+                time_calls(runner, feeds[key], warmup if i == 0 else max(2, warmup // 2), per_round)
+            )
     return {k: Timing.from_ms(np.concatenate(v), batch_of(feeds[k])) for k, v in times.items()}
 
 
@@ -147,7 +150,7 @@ def benchmark_models(
     *,
     options: RuntimeOptions | None = None,
     iters: Callable[[int], tuple[int, int]] | None = None,
-    rounds: int = 4,
+    rounds: int = 1,
 ) -> list[Row]:
     """Time every (model, backend, batch size) combination, models interleaved (see `time_interleaved`).
 
@@ -159,7 +162,9 @@ def benchmark_models(
         options: threads / precision, shared by all runs.
         iters: batch -> (warmup, timed iterations); default 10/50 at batch 1 and 3/10 above, because
             large batches are slow and their per-call variance is small.
-        rounds: how many interleaved blocks the timed calls are split into.
+        rounds: how many interleaved blocks the timed calls are split into.  1 (one warmed-up block per
+            model) is right on a quiet machine; more blocks spread background load evenly but make every
+            model pay the previous one's spinning threads (see `RuntimeOptions.ort_spinning`).
     """
     iters = iters or (lambda b: (10, 50) if b == 1 else (3, 10))
     runners = {

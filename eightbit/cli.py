@@ -82,7 +82,7 @@ class _Reiterable:
 
 
 def _cmd_bench(args) -> int:
-    from eightbit.benchmark import bench_cli
+    from eightbit.bench_cli import bench_cli
 
     return bench_cli(args)
 

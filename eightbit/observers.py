@@ -35,17 +35,17 @@ class ChannelMeanStats:
 
     def update(self, x: torch.Tensor) -> None:
         if x.dim() == 2:
-            flat = x.detach().double()
+            total, count = x.detach().sum(0).double(), x.shape[0]
         elif x.dim() in (4, 5):
-            flat = x.detach().double().transpose(1, -1).reshape(-1, x.shape[1])
+            dims = (0, *range(2, x.dim()))
+            total, count = x.detach().sum(dims).double(), x.numel() // x.shape[1]
         else:
             return
-        total = flat.sum(0)
         if self.total is not None and self.total.shape != total.shape:
             self.total = None  # channel count changed between uses: no meaningful mean
             return
         self.total = total if self.total is None else self.total + total
-        self.count += flat.shape[0]
+        self.count += count
 
     def mean(self) -> torch.Tensor | None:
         return None if self.total is None or self.count == 0 else (self.total / self.count).float()
@@ -210,13 +210,17 @@ class Observer(nn.Module):
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(x).all():
+        minmax: MinMaxStats = self.stats[Statistic.MINMAX]
+        minmax.update(x)
+        # NaN and Inf propagate into the running min/max, so checking those two numbers checks every value.
+        if not (torch.isfinite(minmax.lo).all() and torch.isfinite(minmax.hi).all()):
             raise ValueError(
                 f"non-finite values (NaN or Inf) reached {self.label} during calibration; check the calibration "
                 "inputs and that the float model itself produces finite outputs on them"
             )
-        for collector in self.stats.values():
-            collector.update(x)
+        for statistic, collector in self.stats.items():
+            if statistic is not Statistic.MINMAX:
+                collector.update(x)
         self.batches += 1
         return x
 

@@ -10,6 +10,8 @@ given; rather than asking for a second file, the baseline is derived here:
   also a clamp: quantizers drop a ReLU / ReLU6 in front of such a Q (ORT's quantize_static does), so a
   Clip(0, range max) takes its place unless the tensor already comes out of a Relu/Clip. Two-sided ranges
   only saturate outliers and are not reproduced;
+* a Pad applied to quantized codes (Q -> Pad(value = zero point) -> DQ, how eightbit pads in the integer
+  domain) becomes a float Pad with value 0 followed by the same Q, so the pair removal above applies;
 * anything else (e.g. a lone QuantizeLinear feeding a graph output) is left unchanged.
 
 Only QDQ-format models are handled; operator-format models (QLinearConv, ...) have no float equivalent
@@ -74,6 +76,8 @@ def _clamp_node(
 ) -> onnx.NodeProto | None:
     """The Clip (or Relu) a removed Q -> DQ pair with a range starting at 0 stands for, else None."""
     src = producers.get(q.input[0])
+    while src is not None and _is(src, "Pad"):  # zero padding keeps a clamped tensor clamped
+        src = producers.get(src.input[0])
     if src is not None and src.op_type in _CLAMPS and src.domain in _QDQ_DOMAINS:
         return None  # already clamped in float; the quantizer kept the activation
     if len(q.input) < 3 or q.input[1] not in consts or q.input[2] not in consts:
@@ -136,6 +140,52 @@ def _used_names(graph: onnx.GraphProto) -> set[str]:
     return used
 
 
+def _scalar(value) -> int | None:
+    array = np.asarray(value)
+    return int(array.reshape(-1)[0]) if array.size == 1 else None
+
+
+def _hoist_integer_pads(graph: onnx.GraphProto) -> None:
+    """Rewrite Q -> Pad(value = zero point) into Pad(value 0) -> Q: the same values, but pair-removable."""
+    consts = _constants(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    rewritten: list[onnx.NodeProto] = []
+    for node in graph.node:
+        q = producers.get(node.input[0]) if _is(node, "Pad") else None
+        if q is None or not _is(q, "QuantizeLinear"):
+            rewritten.append(node)
+            continue
+        zero_point = _scalar(consts[q.input[2]]) if len(q.input) > 2 and q.input[2] in consts else 0
+        has_value = len(node.input) > 2 and node.input[2]
+        value = (
+            _scalar(consts[node.input[2]])
+            if has_value and node.input[2] in consts
+            else (None if has_value else 0)
+        )
+        if zero_point is None or value != zero_point:
+            rewritten.append(node)
+            continue
+        zero = f"{node.output[0]}__float_zero"
+        graph.initializer.append(numpy_helper.from_array(np.array(0.0, dtype=np.float32), zero))
+        float_pad = helper.make_node(
+            "Pad",
+            [q.input[0], node.input[1], zero, *node.input[3:]],
+            [f"{node.output[0]}__float"],
+            name=node.name,
+        )
+        float_pad.attribute.extend(node.attribute)
+        requantize = helper.make_node(
+            "QuantizeLinear",
+            [float_pad.output[0], *q.input[1:]],
+            [node.output[0]],
+            name=f"{node.name}__requantize",
+        )
+        requantize.attribute.extend(q.attribute)
+        rewritten += [float_pad, requantize]
+    graph.ClearField("node")
+    graph.node.extend(rewritten)
+
+
 def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return the float32 equivalent of a QDQ model (the input model is not modified).
 
@@ -146,6 +196,7 @@ def strip_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
+    _hoist_integer_pads(graph)
     consts = _constants(graph)
     producers = {out: node for node in graph.node for out in node.output}
     graph_outputs = {o.name for o in graph.output}
