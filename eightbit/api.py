@@ -166,7 +166,10 @@ def quantize(
     if encodings is not None:
         act = _load_activation_encodings(encodings, placement)
     else:
-        run_calibration(gm, _positional_batches(model, calibration_data), progress=progress)
+        batches = _positional_batches(model, calibration_data)
+        if not captured.dynamic_batch:  # the graph accepts only the example's batch size
+            batches = _rebatch(batches, _batch_size(args))
+        run_calibration(gm, batches, progress=progress)
         act = activation_encodings(observers, placement, config.activations)
     weights = convert(gm, placement, act, config, overflow_fix=fix)
     example = _with_batch(args, 2) if captured.dynamic_batch else args
@@ -199,6 +202,31 @@ def _positional_batches(model: nn.Module, data: Iterable):
     for batch in data:
         args, kwargs = as_model_inputs(batch)
         yield _positional(model, args, kwargs)[0]
+
+
+def _batch_size(args: tuple) -> int:
+    return next(a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0)
+
+
+def _rebatch(batches, size: int):
+    """Regroup positional batches into batches of exactly `size` samples.  A final partial batch is
+    completed by repeating its own samples (min/max are unchanged by repeats)."""
+    pending: list[tuple] = []
+    for args in batches:
+        pending.append(args)
+        while sum(_batch_size(a) for a in pending) >= size:
+            merged = tuple(
+                torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0]
+                for parts in zip(*pending, strict=True)
+            )
+            yield tuple(m[:size] if isinstance(m, torch.Tensor) else m for m in merged)
+            rest = tuple(m[size:] if isinstance(m, torch.Tensor) else m for m in merged)
+            pending = [rest] if _batch_size(rest) else []
+    if pending:
+        (rest,) = pending
+        n = _batch_size(rest)
+        idx = torch.arange(size) % n
+        yield tuple(m[idx] if isinstance(m, torch.Tensor) else m for m in rest)
 
 
 def _load_activation_encodings(source, placement: Placement) -> dict[str, Encoding]:

@@ -70,23 +70,29 @@ def capture(model: nn.Module, example_args: tuple, example_kwargs: dict | None =
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     kwargs = dict(example_kwargs or {})
     model = copy.deepcopy(model).eval()
-    args = _with_batch(tuple(example_args), 2)
-    kwargs = dict(zip(kwargs, _with_batch(tuple(kwargs.values()), 2), strict=True))
     errors = []
     batch = torch.export.Dim("batch")
-    spec_args, spec_kwargs = _batch_shapes(args, kwargs, batch)
-    for dynamic in (True, False):
-        shapes = {"dynamic_shapes": _merge_shapes(model, spec_args, spec_kwargs)} if dynamic else {}
+    # A batch of 1 would be specialised by export, so the dynamic attempt uses a batch of 2; the static
+    # fallback keeps the example's own batch size (a saved program may only accept that one).
+    grown_args = _with_batch(tuple(example_args), 2)
+    grown_kwargs = dict(zip(kwargs, _with_batch(tuple(kwargs.values()), 2), strict=True))
+    spec_args, spec_kwargs = _batch_shapes(grown_args, grown_kwargs, batch)
+    attempts = [
+        (grown_args, grown_kwargs, _merge_shapes(model, spec_args, spec_kwargs)),
+        (tuple(example_args), kwargs, None),
+    ]
+    for args_i, kwargs_i, shapes in attempts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(model, args, kwargs, **shapes)
+                program = torch.export.export(model, args_i, kwargs_i, dynamic_shapes=shapes)
+            dynamic = shapes is not None
             note = "" if dynamic else f"batch axis captured static: {_first_line(errors[-1])}"
             return Captured(program.module(), CaptureMethod.EXPORT, dynamic, note)
         except Exception as exc:  # torch.export raises many unrelated types
             _raise_if_data_dependent(exc)
             errors.append(exc)
-    return _capture_make_fx(model, args, kwargs, errors[-1])
+    return _capture_make_fx(model, tuple(example_args), kwargs, errors[-1])
 
 
 def _merge_shapes(model: nn.Module, spec_args: tuple, spec_kwargs: dict):

@@ -13,16 +13,24 @@ from eightbit.capture import CaptureError
 from eightbit.data import Normalization
 
 
-def _load_model(spec: str) -> torch.nn.Module:
-    """A model from `package.module:factory` or a saved torch.export program (.pt2)."""
+def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
+    """A model from `package.module:factory` or a saved torch.export program (.pt2), and the input shape
+    the program was exported with (None for factories)."""
     if spec.endswith(".pt2"):
         path = Path(spec)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
         try:
-            return torch.export.load(path).module()
+            program = torch.export.load(path)
         except Exception as exc:
             raise ValueError(f"{path} is not a readable torch.export program: {exc}") from exc
+        user_inputs = set(program.graph_signature.user_inputs)
+        shapes = [
+            tuple(int(d) for d in n.meta["val"].shape)
+            for n in program.graph.nodes
+            if n.op == "placeholder" and n.name in user_inputs and hasattr(n.meta.get("val"), "shape")
+        ]
+        return program.module(), (shapes[0] if len(shapes) == 1 else None)
     if ":" not in spec:
         raise ValueError(f"model must be 'package.module:factory' or a .pt2 file, got {spec!r}")
     module_name, factory = spec.split(":", 1)
@@ -32,7 +40,7 @@ def _load_model(spec: str) -> torch.nn.Module:
     model = getattr(module, factory)()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")
-    return model.eval()
+    return model.eval(), None
 
 
 def _cmd_quantize(args) -> int:
@@ -42,13 +50,13 @@ def _cmd_quantize(args) -> int:
 
     check_output_path(args.out, args.force)  # fail before the slow work
     calibration_files(args.calib)
-    model = _load_model(args.model)
+    model, program_shape = _load_model(args.model)
     preprocess = ImagePreprocess(
         size=args.image_size,
         resize=args.resize or round(args.image_size * 256 / 224),
         normalization=Normalization(args.normalize),
     )
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else program_shape
     weights = int8_weights(
         granularity=Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL
     )
@@ -61,7 +69,9 @@ def _cmd_quantize(args) -> int:
         sample_shape=shape,
         limit=args.max_samples,
     )
-    qm = quantize(model, _Reiterable(batches), config=config, progress=not args.quiet)
+    # A saved program is captured at the shape it was exported with (it may accept no other batch size).
+    example = torch.zeros(program_shape) if program_shape else None
+    qm = quantize(model, _Reiterable(batches), example, config=config, progress=not args.quiet)
     report = qm.export_onnx(args.out, overwrite=args.force)
     print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
     print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
