@@ -22,6 +22,7 @@ demo: setup
 	$(BIN)/python -m eightbit.demo
 
 test: setup
+	$(BIN)/ruff check eightbit tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: setup

@@ -117,9 +117,7 @@ _PEERS: dict[Peer, Callable[[Path, Sequence[np.ndarray], Path], Path]] = {
 }
 
 
-def quantize_peer(
-    peer: Peer, fp32_onnx: str | Path, calib: Sequence[np.ndarray], out: str | Path
-) -> PeerResult:
+def quantize_peer(peer: Peer, fp32_onnx: str | Path, calib: Sequence[np.ndarray], out: str | Path) -> PeerResult:
     """Quantize `fp32_onnx` with `peer`, calibrating on `calib` (one batch-1 array per sample).
 
     `out` is the target file; NNCF writes OpenVINO IR next to it (`out` with an .xml suffix, plus .bin).

@@ -237,9 +237,7 @@ def markdown(records: list[Record]) -> str:
             )
         out.append("")
 
-    absolute = [
-        f"{refs[m].b1_ms:.1f} ms / {refs[m].bulk_samples_per_s:.0f} /s" if m in refs else "-" for m in models
-    ]
+    absolute = [f"{refs[m].b1_ms:.1f} ms / {refs[m].bulk_samples_per_s:.0f} /s" if m in refs else "-" for m in models]
     out += [
         f"### Summary: speedup over ONNX Runtime fp32 (batch-1 latency / batch-{b} throughput)",
         "",

@@ -6,7 +6,7 @@ import inspect
 import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -96,13 +96,8 @@ class QuantizedModel(nn.Module):
         reduced = sum(1 for e in self.weight_encodings.values() if e.qmax < w.qmax)
         lines = [
             f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
-            + (
-                f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)"
-                if reduced
-                else ""
-            ),
-            f"captured with {self.capture_method.value}"
-            + (f" ({self.capture_note})" if self.capture_note else ""),
+            + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
+            f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}",
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
             "",
@@ -148,9 +143,7 @@ def quantize(
     config = config or QuantConfig()
     fix = overflow_fix_active(config, hw.saturation_risk())
     if calibration_data is None and encodings is None:
-        raise ValueError(
-            "pass calibration_data (representative inputs) or encodings saved from an earlier run"
-        )
+        raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
     if example_inputs is None:
         if calibration_data is None:
             raise ValueError("example_inputs is required when no calibration_data is given")
@@ -191,9 +184,7 @@ def _peek(data: Iterable):
     try:
         first = next(iterator)
     except StopIteration:
-        raise ValueError(
-            "calibration_data is empty; pass at least one batch of representative inputs"
-        ) from None
+        raise ValueError("calibration_data is empty; pass at least one batch of representative inputs") from None
     rest = data if iterator is not data else itertools.chain([first], iterator)  # re-iterable: start over
     return first, rest
 
@@ -245,9 +236,6 @@ def _load_activation_encodings(source, placement: Placement) -> dict[str, Encodi
     found = {g: list(e.get("tensors", [])) for g, e in saved.items()}
     if expected != found:
         raise ValueError(
-            "the encodings were made for a different model or config (tensor groups differ); "
-            "re-run calibration"
+            "the encodings were made for a different model or config (tensor groups differ); re-run calibration"
         )
-    return {
-        g: Encoding(**{**e, "range": tuple(e["range"]) if e.get("range") else None}) for g, e in saved.items()
-    }
+    return {g: Encoding(**{**e, "range": tuple(e["range"]) if e.get("range") else None}) for g, e in saved.items()}

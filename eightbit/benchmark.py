@@ -136,9 +136,7 @@ def time_interleaved(
         for key, runner in runners.items():
             # Later rounds re-warm too: the previous runner's threads (ORT spins after each run) and evicted
             # caches slow the first calls after a switch; one call was measured not to be enough for OpenVINO.
-            times[key].append(
-                time_calls(runner, feeds[key], warmup if i == 0 else max(2, warmup // 2), per_round)
-            )
+            times[key].append(time_calls(runner, feeds[key], warmup if i == 0 else max(2, warmup // 2), per_round))
     return {k: Timing.from_ms(np.concatenate(v), batch_of(feeds[k])) for k, v in times.items()}
 
 
@@ -176,9 +174,7 @@ def benchmark_models(
     rows = []
     for batch in batch_sizes:
         warmup, n = iters(batch)
-        timings = time_interleaved(
-            runners, lambda r, b=batch: make_feeds(r, b), warmup=warmup, iters=n, rounds=rounds
-        )
+        timings = time_interleaved(runners, lambda r, b=batch: make_feeds(r, b), warmup=warmup, iters=n, rounds=rounds)
         rows += [Row(label=lb, backend=be, timing=t) for (lb, be), t in timings.items()]
     # Order rows by model, then backend, then batch, as callers list them.
     order = {k: i for i, k in enumerate(runners)}
@@ -201,9 +197,7 @@ def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
-def format_table(
-    rows: Sequence[Row], reference: tuple[str, Backend] | None = None, *, markdown: bool = False
-) -> str:
+def format_table(rows: Sequence[Row], reference: tuple[str, Backend] | None = None, *, markdown: bool = False) -> str:
     """Table with one line per (label, backend) and, per batch size, the time and a speed ratio.
 
     Batch 1 shows median latency in ms (with p10-p90); larger batches show samples/s. Ratios are speedups
@@ -302,9 +296,7 @@ class OpProfile:
         return out
 
 
-def profile_ops(
-    path: str | Path, feeds: dict[str, np.ndarray], threads: int = 2, runs: int = 10
-) -> OpProfile:
+def profile_ops(path: str | Path, feeds: dict[str, np.ndarray], threads: int = 2, runs: int = 10) -> OpProfile:
     """Profile `runs` calls on ONNX Runtime (after one unprofiled-in-result warm-up call)."""
     import onnxruntime as ort
 

@@ -58,9 +58,7 @@ def _with_batch(args: tuple, size: int) -> tuple:
 
 def _batch_shapes(args: tuple, kwargs: dict, batch: torch.export.Dim) -> tuple:
     spec_args = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
-    spec_kwargs = {
-        k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in kwargs.items()
-    }
+    spec_kwargs = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in kwargs.items()}
     return spec_args, spec_kwargs
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -57,15 +58,14 @@ def _cmd_quantize(args) -> int:
         normalization=Normalization(args.normalize),
     )
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else program_shape
-    weights = int8_weights(
-        granularity=Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL
-    )
+    weights = int8_weights(granularity=Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL)
     activations = uint8_activations(method=args.method, percentile=args.percentile)
     config = QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float))
-    batches = lambda: folder_batches(
+    batches = functools.partial(
+        folder_batches,
         args.calib,
         batch_size=args.batch_size,
-        preprocess=preprocess,  # noqa: E731
+        preprocess=preprocess,
         sample_shape=shape,
         limit=args.max_samples,
     )
@@ -98,27 +98,19 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eightbit", description="Turn PyTorch models into fast int8 models."
-    )
+    parser = argparse.ArgumentParser(prog="eightbit", description="Turn PyTorch models into fast int8 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a PyTorch model to an int8 ONNX (QDQ) model")
-    q.add_argument(
-        "model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program"
-    )
+    q.add_argument("model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program")
     q.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")
     q.add_argument("--out", required=True, help="output .onnx path")
     q.add_argument("--force", action="store_true", help="overwrite existing output files")
     q.add_argument("--method", default="minmax", help="activation calibration method (minmax, percentile)")
     q.add_argument("--percentile", type=float, default=99.99)
     q.add_argument("--per-tensor-weights", action="store_true")
-    q.add_argument(
-        "--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float"
-    )
+    q.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
     q.add_argument("--image-size", type=int, default=224)
-    q.add_argument(
-        "--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)"
-    )
+    q.add_argument("--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)")
     q.add_argument("--normalize", choices=[n.value for n in Normalization], default="imagenet")
     q.add_argument("--input-shape", help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
     q.add_argument("--batch-size", type=int, default=16)
@@ -134,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     b.add_argument("--iters", type=int, default=30)
-    b.add_argument(
-        "--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category"
-    )
+    b.add_argument("--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category")
     b.set_defaults(func=_cmd_bench)
     return parser
 

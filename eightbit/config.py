@@ -74,9 +74,7 @@ class QuantSpec:
         if not isinstance(self.granularity, Granularity):
             raise TypeError(f"granularity must be a Granularity, got {self.granularity!r}")
         if self.narrow_range and not self.signed:
-            raise ValueError(
-                "narrow_range only applies to signed types; use signed=True or narrow_range=False"
-            )
+            raise ValueError("narrow_range only applies to signed types; use signed=True or narrow_range=False")
         lookup_method(self.method)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
@@ -146,9 +144,7 @@ class QuantConfig:
             raise TypeError("keep_float and keep_float_ops take tuples, e.g. keep_float=('classifier',)")
         for kind in self.keep_float_ops:
             if not isinstance(kind, OpKind):
-                raise TypeError(
-                    f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}"
-                )
+                raise TypeError(f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}")
         if self.activations.per_channel and self.activations.bits not in (8, 16):
             raise ValueError("per-channel activations are supported at 8 or 16 bits only")
         if self.activations.per_channel and METHODS[self.activations.method].needs_histogram:

@@ -49,9 +49,7 @@ def encoding_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, axi
     )
 
 
-def activation_encodings(
-    observers: dict[str, Observer], placement: Placement, spec: QuantSpec
-) -> dict[str, Encoding]:
+def activation_encodings(observers: dict[str, Observer], placement: Placement, spec: QuantSpec) -> dict[str, Encoding]:
     """Turn calibrated observers into encodings (pure given the observers' statistics)."""
     out = {}
     for group, observer in observers.items():
@@ -87,14 +85,10 @@ def _weight_encoding(w: torch.Tensor, spec: QuantSpec) -> Encoding:
     return encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, axis)
 
 
-def _dequantized_constant(
-    gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding
-) -> fx.Node:
+def _dequantized_constant(gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding) -> fx.Node:
     scale, zp = enc.tensors_()
     axis = -1 if enc.axis is None else enc.axis
-    nodes = [
-        add_constant(gm, user, f"{name}_{kind}", t) for kind, t in (("q", q), ("scale", scale), ("zp", zp))
-    ]
+    nodes = [add_constant(gm, user, f"{name}_{kind}", t) for kind, t in (("q", q), ("scale", scale), ("zp", zp))]
     with gm.graph.inserting_before(user):
         return gm.graph.call_function(ops.DEQUANTIZE, (*nodes, axis))
 
@@ -130,9 +124,7 @@ def convert(
         enc = _weight_encoding(w, spec)
         enc.tensors = [node.name]
         scale, zp = enc.tensors_()
-        q = ops.quantize(
-            w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis
-        )
+        q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)
         args = list(node.args)
         args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
         shift = _bias_shift(node, rule, args, dq_of_call, w, q, enc) if config.bias_correction else None
@@ -187,9 +179,7 @@ def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None) -> Non
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
     """Free the float weights that were replaced, so the quantized model does not carry both copies."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_buffers(recurse=False)] + [
-        n for n, _ in gm.named_parameters(recurse=False)
-    ]:
+    for name in [n for n, _ in gm.named_buffers(recurse=False)] + [n for n, _ in gm.named_parameters(recurse=False)]:
         if name not in used:
             delattr(gm, name)
 

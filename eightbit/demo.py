@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from eightbit import metrics, quantize, zoo

@@ -13,9 +13,7 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Validate an output path: its folder exists, and it is not silently replaced."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; choose another path or pass overwrite=True (CLI: --force)"
-        )
+        raise FileExistsError(f"{path} already exists; choose another path or pass overwrite=True (CLI: --force)")
     if not path.parent.exists():
         raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
     return path

@@ -159,9 +159,7 @@ def histogram_quantile(hist: HistogramStats, q: float) -> float:
     if total == 0:
         return 0.0
     target = q * total
-    idx = int(
-        torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=hist.bins - 1)
-    )
+    idx = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=hist.bins - 1))
     before = float(cdf[idx - 1]) if idx > 0 else 0.0
     inside = float(hist.counts[idx])
     frac = (target - before) / inside if inside > 0 else 0.0

@@ -134,11 +134,7 @@ def _is_float_tensor(n) -> bool:
 
 
 def _is_activation(n) -> bool:
-    return (
-        isinstance(n, fx.Node)
-        and n.op in ("placeholder", "call_function", "call_module")
-        and _is_float_tensor(n)
-    )
+    return isinstance(n, fx.Node) and n.op in ("placeholder", "call_function", "call_module") and _is_float_tensor(n)
 
 
 def _activation_inputs(node: fx.Node, rule: OpRule) -> list[fx.Node]:

@@ -65,9 +65,7 @@ def quantize(
     return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
 
 
-def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     """Real values (q - zero_point) * scale."""
     s = _broadcast(scale, q, axis)
     z = _broadcast(zero_point, q, axis)

@@ -164,9 +164,7 @@ def load(path: str | Path, backend: Backend, options: RuntimeOptions | None = No
     path = Path(path)
     options = options or RuntimeOptions()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"model file {path} does not exist; export the model first (or check the path)"
-        )
+        raise FileNotFoundError(f"model file {path} does not exist; export the model first (or check the path)")
     try:
         runner_cls = _RUNNERS[backend]
     except KeyError:

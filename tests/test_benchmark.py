@@ -40,15 +40,11 @@ def _act_qdq(name: str, scale: float, zp: int, nodes: list, inits: list) -> str:
         numpy_helper.from_array(np.uint8(zp), f"{name}_z"),
     ]
     nodes.append(helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_z"], [f"{name}_q"]))
-    nodes.append(
-        helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"])
-    )
+    nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_dq"]))
     return f"{name}_dq"
 
 
-def _weight_dq(
-    name: str, w: np.ndarray, axis: int, nodes: list, inits: list
-) -> tuple[np.ndarray, np.ndarray]:
+def _weight_dq(name: str, w: np.ndarray, axis: int, nodes: list, inits: list) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-channel int8 weight initializer + DequantizeLinear; returns (dequantized, scales)."""
     reduce = tuple(i for i in range(w.ndim) if i != axis)
     scale = (np.abs(w).max(axis=reduce) / 127.0).astype(np.float32)
@@ -60,9 +56,7 @@ def _weight_dq(
         numpy_helper.from_array(scale, f"{name}_s"),
         numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{name}_z"),
     ]
-    nodes.append(
-        helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], axis=axis)
-    )
+    nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [name], axis=axis))
     return q.astype(np.float32) * scale.reshape(shape), scale
 
 

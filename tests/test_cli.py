@@ -20,8 +20,21 @@ def npy_folder(tmp_path):
 
 def test_quantize_from_npy_folder_then_bench(npy_folder, tmp_path, capsys):
     out = tmp_path / "m.onnx"
-    rc = main(["quantize", "tests.helpers:ResidualNet", "--calib", str(npy_folder), "--out", str(out),
-               "--input-shape", "1,3,16,16", "--quiet", "--encodings", str(tmp_path / "enc.json")])
+    rc = main(
+        [
+            "quantize",
+            "tests.helpers:ResidualNet",
+            "--calib",
+            str(npy_folder),
+            "--out",
+            str(out),
+            "--input-shape",
+            "1,3,16,16",
+            "--quiet",
+            "--encodings",
+            str(tmp_path / "enc.json"),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and "steps" in printed
@@ -37,10 +50,23 @@ def test_quantize_from_image_folder(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
     out = tmp_path / "img.onnx"
-    args = ["quantize", "tests.helpers:DepthwiseNet", "--calib", str(folder), "--out", str(out), "--image-size", "16",
-            "--normalize", "tflite", "--quiet"]
+    args = [
+        "quantize",
+        "tests.helpers:DepthwiseNet",
+        "--calib",
+        str(folder),
+        "--out",
+        str(out),
+        "--image-size",
+        "16",
+        "--normalize",
+        "tflite",
+        "--quiet",
+    ]
     assert main(args) == 0 and out.exists()
 
 
@@ -50,8 +76,22 @@ def test_saved_export_program_is_accepted(npy_folder, tmp_path):
     program = torch.export.export(DepthwiseNet().eval(), (torch.randn(2, 3, 16, 16),))
     torch.export.save(program, tmp_path / "m.pt2")
     out = tmp_path / "p.onnx"
-    assert main(["quantize", str(tmp_path / "m.pt2"), "--calib", str(npy_folder), "--out", str(out),
-                 "--input-shape", "1,3,16,16", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tmp_path / "m.pt2"),
+                "--calib",
+                str(npy_folder),
+                "--out",
+                str(out),
+                "--input-shape",
+                "1,3,16,16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,8 +114,17 @@ def test_clear_errors(args, message, npy_folder, tmp_path, capsys, monkeypatch):
 def test_existing_output_needs_force(npy_folder, tmp_path, capsys):
     out = tmp_path / "exists.onnx"
     out.write_bytes(b"precious")
-    args = ["quantize", "tests.helpers:ResidualNet", "--calib", str(npy_folder), "--out", str(out),
-            "--input-shape", "1,3,16,16", "--quiet"]
+    args = [
+        "quantize",
+        "tests.helpers:ResidualNet",
+        "--calib",
+        str(npy_folder),
+        "--out",
+        str(out),
+        "--input-shape",
+        "1,3,16,16",
+        "--quiet",
+    ]
     assert main(args) == 2 and "--force" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
     assert main([*args, "--force"]) == 0 and onnx.load(out).graph.node
@@ -85,6 +134,18 @@ def test_corrupt_calibration_file(tmp_path, capsys):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "0.npy").write_bytes(b"not an array")
-    assert main(["quantize", "tests.helpers:ResidualNet", "--calib", str(folder), "--out", str(tmp_path / "o.onnx"),
-                 "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "tests.helpers:ResidualNet",
+                "--calib",
+                str(folder),
+                "--out",
+                str(tmp_path / "o.onnx"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "cannot read calibration file" in capsys.readouterr().err

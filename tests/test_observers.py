@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from eightbit.config import uint8_activations
-from eightbit.observers import METHODS, Statistic, HistogramStats, MinMaxStats, Observer, histogram_quantile, lookup_method
+from eightbit.observers import (
+    METHODS,
+    HistogramStats,
+    MinMaxStats,
+    Observer,
+    Statistic,
+    histogram_quantile,
+    lookup_method,
+)
 
 
 def test_minmax_stats_stream_equals_whole():

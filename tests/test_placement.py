@@ -13,10 +13,10 @@ def _ops(qm):
     return Counter(str(n.target) for n in qm.graph_module.graph.nodes if n.op == "call_function")
 
 
-def _placement(model, config=QuantConfig()):
+def _placement(model, config=None):
     gm = capture(model.eval(), (torch.randn(2, 3, 16, 16),)).graph_module
     fold_batchnorm(gm)
-    return place(gm, config)
+    return place(gm, config or QuantConfig())
 
 
 def test_residual_net_node_counts():

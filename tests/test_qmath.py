@@ -26,8 +26,9 @@ def test_roundtrip_error_within_half_step_for_in_range_values(rng, bits, signed,
 @given(ranges, bit_widths, st.booleans())
 def test_real_zero_is_exactly_representable(rng, bits, symmetric):
     qmin, qmax = 0, 2**bits - 1
-    scale, zp = qmath.qparams_from_range(torch.tensor(rng[0]), torch.tensor(rng[1]), qmin=qmin, qmax=qmax,
-                                         symmetric=symmetric)
+    scale, zp = qmath.qparams_from_range(
+        torch.tensor(rng[0]), torch.tensor(rng[1]), qmin=qmin, qmax=qmax, symmetric=symmetric
+    )
     assert float(qmath.fake_quantize(torch.zeros(3), scale, zp, qmin, qmax).abs().max()) == 0.0
     assert qmin <= int(zp) <= qmax
 

@@ -72,9 +72,7 @@ def test_openvino_outputs_are_not_overwritten_by_next_call(tiny_path):
 
 def test_bf16_is_opt_in_and_runs(tiny_path):
     assert RuntimeOptions().openvino_precision is OpenVinoPrecision.F32
-    runner = load(
-        tiny_path, Backend.OPENVINO, RuntimeOptions(threads=1, openvino_precision=OpenVinoPrecision.BF16)
-    )
+    runner = load(tiny_path, Backend.OPENVINO, RuntimeOptions(threads=1, openvino_precision=OpenVinoPrecision.BF16))
     (y,) = runner.run({"x": np.zeros((1, 3, 12, 12), np.float32)})
     assert y.shape == (1, 5)
 

@@ -8,6 +8,7 @@ runs the file and its outputs are compared with the PyTorch simulation, in quant
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from eightbit import ops
 from eightbit.fileio import atomic_path
 
 DEFAULT_OPSET = 18
+
+# The exporter logs a warning per missing torchvision op on every export; eightbit never uses torchvision.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -71,9 +75,7 @@ def to_onnx_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynam
     shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in example_args)
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.export.export(
-            gm, tuple(example_args), dynamic_shapes=shapes if dynamic_batch else None
-        )
+        program = torch.export.export(gm, tuple(example_args), dynamic_shapes=shapes if dynamic_batch else None)
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,

@@ -65,9 +65,7 @@ def _dequantize(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> np.ndarr
     return ((x - zp) * scale).astype(np.float32)
 
 
-_INT_RANGES = {
-    np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.uint8, np.int8, np.uint16, np.int16)
-}
+_INT_RANGES = {np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.uint8, np.int8, np.uint16, np.int16)}
 _CLAMPS = {"Relu", "Clip"}
 
 
@@ -157,11 +155,7 @@ def _hoist_integer_pads(graph: onnx.GraphProto) -> None:
             continue
         zero_point = _scalar(consts[q.input[2]]) if len(q.input) > 2 and q.input[2] in consts else 0
         has_value = len(node.input) > 2 and node.input[2]
-        value = (
-            _scalar(consts[node.input[2]])
-            if has_value and node.input[2] in consts
-            else (None if has_value else 0)
-        )
+        value = _scalar(consts[node.input[2]]) if has_value and node.input[2] in consts else (None if has_value else 0)
         if zero_point is None or value != zero_point:
             rewritten.append(node)
             continue

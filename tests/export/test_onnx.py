@@ -88,8 +88,10 @@ def test_existing_output_is_not_overwritten_unless_asked(tmp_path):
 def test_per_tensor_weights_and_signed_activations_export(tmp_path):
     from eightbit import Granularity, int8_weights, uint8_activations
 
-    cfg = QuantConfig(weights=int8_weights(granularity=Granularity.PER_TENSOR),
-                      activations=uint8_activations(signed=True, symmetric=True))
+    cfg = QuantConfig(
+        weights=int8_weights(granularity=Granularity.PER_TENSOR),
+        activations=uint8_activations(signed=True, symmetric=True),
+    )
     qm = quantize(ResidualNet().eval(), calibration_batches(), config=cfg, progress=False)
     report = qm.export_onnx(tmp_path / "s8.onnx")
     assert report.parity.max_steps < 3
@@ -100,6 +102,10 @@ def test_per_tensor_weights_and_signed_activations_export(tmp_path):
 def test_four_bit_activations_are_clamped_in_onnx(tmp_path):
     from eightbit import uint8_activations
 
-    qm = quantize(DepthwiseNet().eval(), calibration_batches(),
-                  config=QuantConfig(activations=uint8_activations(bits=4)), progress=False)
+    qm = quantize(
+        DepthwiseNet().eval(),
+        calibration_batches(),
+        config=QuantConfig(activations=uint8_activations(bits=4)),
+        progress=False,
+    )
     assert qm.export_onnx(tmp_path / "a4.onnx").parity.max_steps < 3
