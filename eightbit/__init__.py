@@ -1,11 +1,13 @@
 """eightbit: PyTorch models to int8 that really run faster, keep their accuracy, and explain themselves."""
 
 from eightbit import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
-from eightbit.api import QuantizedModel, quantize
+from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
 from eightbit.capture import CaptureError
 from eightbit.config import Granularity, OpKind, QuantConfig, QuantSpec, int8_weights, uint8_activations
 
 __all__ = [
+    "Calibration",
+    "calibrate",
     "CaptureError",
     "Granularity",
     "OpKind",

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from eightbit import hw
-from eightbit.calibrate import as_model_inputs, insert_observers, run_calibration
+from eightbit.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
 from eightbit.capture import Captured, _with_batch, capture
 from eightbit.config import QuantConfig, overflow_fix_active
 from eightbit.convert import Encoding, activation_encodings, convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
+from eightbit.methods import lookup_method
+from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement, place
 from eightbit.transforms import fold_batchnorm
 
@@ -124,6 +127,154 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, lis
     return values, [n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor)]
 
 
+class Calibration:
+    """The statistics of one calibration pass over a captured model.
+
+    `quantize(config)` turns them into a `QuantizedModel` for any activation method whose statistics were
+    collected (see `calibrate(..., methods=...)`), without running the model again.  `save`/`load` keep them
+    on disk, so another method can be tried in a later session.
+    """
+
+    def __init__(self, prepared: _Prepared, observers: dict[str, Observer], collected: frozenset[Statistic]):
+        self._prepared = prepared
+        self._observers = observers
+        self.collected = collected
+
+    @property
+    def config(self) -> QuantConfig:
+        return self._prepared.config
+
+    def quantize(self, config: QuantConfig | None = None) -> QuantizedModel:
+        """The quantized model for `config` (default: the calibration's own); placement options must match."""
+        config = config or self.config
+        if _placement_key(config) != _placement_key(self.config):
+            raise ValueError(
+                "this calibration was collected with other placement options (keep_float, "
+                "keep_float_ops, fold_batchnorm, quantize_outputs, activation granularity); "
+                "run eightbit.calibrate again with this config"
+            )
+        needs = lookup_method(config.activations.method).needs
+        if not needs <= self.collected:
+            missing = sorted(s.value for s in needs - self.collected)
+            raise ValueError(
+                f"method {config.activations.method!r} needs statistics {missing} that this "
+                f"calibration did not collect; pass methods=[{config.activations.method!r}] to "
+                "eightbit.calibrate"
+            )
+        prepared = copy.deepcopy(self._prepared)  # convert rewrites the graph in place
+        observers = {g: prepared.gm.get_submodule(OBSERVER_PREFIX + g) for g in self._observers}
+        act = activation_encodings(observers, prepared.placement, config.activations)
+        return prepared.finish(act, config)
+
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Save the statistics (atomically) for `calibrate(..., cache=path)` to reuse."""
+        payload = {
+            "version": ENCODINGS_VERSION,
+            "groups": self._prepared.placement.groups,
+            "collected": sorted(s.value for s in self.collected),
+            "stats": {g: {s.value: dict(vars(c)) for s, c in o.stats.items()} for g, o in self._observers.items()},
+        }
+        with atomic_path(path, overwrite) as tmp:
+            torch.save(payload, tmp)
+
+    def _load_stats(self, path: Path) -> None:
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path} is not a readable eightbit calibration cache: {exc}") from None
+        if payload.get("groups") != self._prepared.placement.groups:
+            raise ValueError(f"the calibration cache {path} was made for a different model or config; delete it")
+        for group, stats in payload["stats"].items():
+            observer = self._observers[group]
+            for name, state in stats.items():
+                statistic = Statistic(name)
+                if statistic in observer.stats:
+                    vars(observer.stats[statistic]).update(state)
+        self.collected = frozenset(Statistic(v) for v in payload["collected"])
+
+
+@dataclass
+class _Prepared:
+    """A captured, BN-folded graph with its placement: everything before statistics."""
+
+    gm: fx.GraphModule
+    captured: Captured
+    placement: Placement
+    config: QuantConfig
+    args: tuple
+    input_names: list[str]
+    folded: int
+
+    def finish(self, act: dict[str, Encoding], config: QuantConfig) -> QuantizedModel:
+        fix = overflow_fix_active(config, hw.saturation_risk())
+        weights = convert(self.gm, self.placement, act, config, overflow_fix=fix)
+        example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
+        return QuantizedModel(
+            self.gm,
+            config=config,
+            placement=self.placement,
+            activations=act,
+            weights=weights,
+            captured=self.captured,
+            example_args=example,
+            input_names=self.input_names,
+            folded_batchnorms=self.folded,
+        )
+
+
+def _placement_key(config: QuantConfig) -> tuple:
+    a = config.activations
+    return (
+        config.keep_float,
+        config.keep_float_ops,
+        config.fold_batchnorm,
+        config.quantize_outputs,
+        a.granularity,
+        a.channel_axis,
+    )
+
+
+def _prepare(model: nn.Module, example_inputs, config: QuantConfig) -> _Prepared:
+    args, kwargs = as_model_inputs(example_inputs)
+    args, input_names = _positional(model, args, kwargs)
+    captured = capture(model, args)
+    gm = captured.graph_module
+    folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
+    return _Prepared(gm, captured, place(gm, config), config, args, input_names, folded)
+
+
+def calibrate(
+    model: nn.Module,
+    calibration_data: Iterable,
+    example_inputs=None,
+    *,
+    config: QuantConfig | None = None,
+    methods: Iterable[str] = (),
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> Calibration:
+    """Capture `model` and collect, in one streaming pass, the statistics that the config's activation
+    method and every method in `methods` need.  With `cache`, statistics are loaded from that file when it
+    exists (no model run) and saved there otherwise."""
+    config = config or QuantConfig()
+    if example_inputs is None:
+        example_inputs, calibration_data = _peek(calibration_data)
+    prepared = _prepare(model, example_inputs, config)
+    needs = frozenset().union(*(lookup_method(m).needs for m in (config.activations.method, *methods)))
+    observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
+    calibration = Calibration(prepared, observers, needs)
+    if cache is not None and Path(cache).exists():
+        calibration._load_stats(Path(cache))
+        return calibration
+    batches = _positional_batches(model, calibration_data)
+    if not prepared.captured.dynamic_batch:  # the graph accepts only the example's batch size
+        batches = _rebatch(batches, _batch_size(prepared.args))
+    run_calibration(prepared.gm, batches, progress=progress)
+    if cache is not None:
+        calibration.save(cache)
+    return calibration
+
+
 def quantize(
     model: nn.Module,
     calibration_data: Iterable | None = None,
@@ -141,42 +292,15 @@ def quantize(
     encodings: parameters saved by `QuantizedModel.save_encodings` (path or dict) to skip calibration.
     """
     config = config or QuantConfig()
-    fix = overflow_fix_active(config, hw.saturation_risk())
-    if calibration_data is None and encodings is None:
-        raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
-    if example_inputs is None:
+    if encodings is None:
         if calibration_data is None:
-            raise ValueError("example_inputs is required when no calibration_data is given")
-        first, calibration_data = _peek(calibration_data)
-        example_inputs = first
-    args, kwargs = as_model_inputs(example_inputs)
-    args, input_names = _positional(model, args, kwargs)
-    captured = capture(model, args)
-    gm = captured.graph_module
-    folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
-    placement = place(gm, config)
-    observers = insert_observers(gm, placement, config.activations)
-    if encodings is not None:
-        act = _load_activation_encodings(encodings, placement)
-    else:
-        batches = _positional_batches(model, calibration_data)
-        if not captured.dynamic_batch:  # the graph accepts only the example's batch size
-            batches = _rebatch(batches, _batch_size(args))
-        run_calibration(gm, batches, progress=progress)
-        act = activation_encodings(observers, placement, config.activations)
-    weights = convert(gm, placement, act, config, overflow_fix=fix)
-    example = _with_batch(args, 2) if captured.dynamic_batch else args
-    return QuantizedModel(
-        gm,
-        config=config,
-        placement=placement,
-        activations=act,
-        weights=weights,
-        captured=captured,
-        example_args=example,
-        input_names=input_names,
-        folded_batchnorms=folded,
-    )
+            raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
+        return calibrate(model, calibration_data, example_inputs, config=config, progress=progress).quantize()
+    if example_inputs is None:
+        raise ValueError("example_inputs is required when quantizing from saved encodings")
+    prepared = _prepare(model, example_inputs, config)
+    insert_observers(prepared.gm, prepared.placement, config.activations)
+    return prepared.finish(_load_activation_encodings(encodings, prepared.placement), config)
 
 
 def _peek(data: Iterable):

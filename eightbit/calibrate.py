@@ -10,7 +10,8 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from eightbit.config import QuantSpec
-from eightbit.observers import Observer
+from eightbit.methods import lookup_method
+from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement
 
 OBSERVER_PREFIX = "eightbit_observer_"
@@ -23,13 +24,18 @@ def activation_axis(spec: QuantSpec) -> int | None:
     return 1 if spec.channel_axis is None else spec.channel_axis
 
 
-def insert_observers(gm: fx.GraphModule, placement: Placement, spec: QuantSpec) -> dict[str, Observer]:
-    """Insert one observer per tensor group after each member tensor; returns group name -> observer."""
+def insert_observers(
+    gm: fx.GraphModule, placement: Placement, spec: QuantSpec, needs: frozenset[Statistic] | None = None
+) -> dict[str, Observer]:
+    """Insert one observer per tensor group after each member tensor; returns group name -> observer.
+
+    needs: statistics to collect (default: what the spec's method needs)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     last_input = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    needs = lookup_method(spec.method).needs if needs is None else needs
     observers: dict[str, Observer] = {}
     for group, members in placement.groups.items():
-        observer = Observer(spec, activation_axis(spec), label=f"tensor {members[0]!r}")
+        observer = Observer(spec, activation_axis(spec), label=f"tensor {members[0]!r}", needs=needs)
         target = OBSERVER_PREFIX + group
         gm.add_submodule(target, observer)
         observers[group] = observer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from eightbit.observers import METHODS, lookup_method
+from eightbit.methods import lookup_method
 
 
 class Granularity(enum.Enum):
@@ -55,7 +55,8 @@ class QuantSpec:
     signed: int8-style range instead of uint8-style.
     channel_axis: the per-channel axis; None means 0 (output channels) for weights, 1 for activations.
     narrow_range: drop the most negative code so the range is symmetric ([-127, 127] for int8).
-    method: calibration method name, a key of `eightbit.observers.METHODS`.
+    method: calibration method name, a key of `eightbit.methods.METHODS`.
+    power_of_two: round scales to powers of two (shift-only NPUs); exported as ordinary Q/DQ.
     percentile: the upper percentile kept by the `percentile` method.
     """
 
@@ -67,6 +68,7 @@ class QuantSpec:
     narrow_range: bool = False
     method: str = "minmax"
     percentile: float = 99.99
+    power_of_two: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -147,7 +149,17 @@ class QuantConfig:
                 raise TypeError(f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}")
         if self.activations.per_channel and self.activations.bits not in (8, 16):
             raise ValueError("per-channel activations are supported at 8 or 16 bits only")
-        if self.activations.per_channel and METHODS[self.activations.method].needs_histogram:
+        if lookup_method(self.weights.method).weight_range is None:
+            raise ValueError(
+                f"method {self.weights.method!r} is for activations only; weights take "
+                f"{sorted(n for n, m in _methods().items() if m.weight_range)}"
+            )
+        if lookup_method(self.activations.method).activation_range is None:
+            raise ValueError(
+                f"method {self.activations.method!r} is for weights only; activations take "
+                f"{sorted(n for n, m in _methods().items() if m.activation_range)}"
+            )
+        if self.activations.per_channel and lookup_method(self.activations.method).needs_histogram:
             raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
 
 
@@ -162,3 +174,9 @@ def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:
 def seven_bit(spec: QuantSpec) -> QuantSpec:
     """The same spec with 7-bit codes ([-63, 63] when narrow)."""
     return replace(spec, bits=7, narrow_range=True)
+
+
+def _methods():
+    from eightbit.methods import METHODS
+
+    return METHODS

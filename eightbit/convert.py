@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from eightbit import ops, qmath
+from eightbit import methods, ops, qmath
 from eightbit.calibrate import OBSERVER_PREFIX, activation_axis
 from eightbit.config import QuantConfig, QuantSpec, seven_bit
-from eightbit.observers import Observer
+from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement
 from eightbit.transforms.bias_correction import bias_shift
 from eightbit.transforms.graph_utils import add_constant, attr_value
@@ -40,9 +40,12 @@ class Encoding:
         return (scale, zp) if per else (scale.reshape(()), zp.reshape(()))
 
 
-def encoding_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, axis: int | None) -> Encoding:
-    """Pure: a clipping range and a spec -> the encoding (scale, zero point) used by the graph."""
+def encoding_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, axis: int | None, error=None) -> Encoding:
+    """Pure: a clipping range and a spec -> the encoding (scale, zero point) used by the graph.  `error`
+    (scale, zero_point) -> squared error decides floor vs ceil for power-of-two scales."""
     scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric)
+    if spec.power_of_two:
+        scale, zp = methods.power_of_two(lo, hi, scale, zp, spec, error)
     as_list = lambda t: t.reshape(-1).tolist()  # noqa: E731
     return Encoding(
         as_list(scale), [int(v) for v in as_list(zp)], spec.qmin, spec.qmax, axis, (as_list(lo), as_list(hi))
@@ -55,8 +58,10 @@ def activation_encodings(observers: dict[str, Observer], placement: Placement, s
     for group, observer in observers.items():
         if not observer.observed():
             raise RuntimeError(f"{observer.label} was never reached during calibration")
-        lo, hi = observer.compute_range()
-        enc = encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, activation_axis(spec))
+        lo, hi = methods.lookup_method(spec.method).activation_range(observer.stats, spec)
+        hist = observer.stats.get(Statistic.HISTOGRAM)
+        error = None if hist is None else (lambda s, z, h=hist: methods.histogram_error(h, s, z, spec))
+        enc = encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, activation_axis(spec), error)
         enc.tensors = list(placement.groups[group])
         mean = observer.channel_mean()
         enc.mean = None if mean is None else mean.tolist()
@@ -79,10 +84,12 @@ def _insert_qdq(gm: fx.GraphModule, call: fx.Node, group: str, enc: Encoding) ->
 
 def _weight_encoding(w: torch.Tensor, spec: QuantSpec) -> Encoding:
     axis = (spec.channel_axis or 0) if spec.per_channel else None
-    observer = Observer(spec, axis, label="weight")
-    observer(w.detach().float())
-    lo, hi = observer.compute_range()
-    return encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, axis)
+    w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError("the model has NaN or Inf weights; they cannot be quantized")
+    lo, hi = methods.lookup_method(spec.method).weight_range(w, spec, axis)
+    rows = methods._per_channel(w, axis)
+    return encoding_from_range(lo, hi, spec, axis, lambda s, z: methods.weight_error(rows, s, z, spec))
 
 
 def _dequantized_constant(gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding) -> fx.Node:

@@ -1,17 +1,14 @@
 """Streaming statistics and the calibration-method registry.
 
-Observers collect statistics batch by batch in memory that does not grow with the number of samples; a
-method turns the merged statistics into a clipping range with a pure function (AIMET-v2 style).  Each method
+Observers collect statistics batch by batch in memory that does not grow with the number of samples;
+`eightbit.methods` turns them into clipping ranges with pure functions (AIMET-v2 style).  Each method
 declares the statistics it needs, so one calibration pass collects the union for every quantization point.
-Adding a method is one range function plus one `METHODS` entry.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,8 +16,30 @@ from torch import nn
 
 class Statistic(enum.Enum):
     MINMAX = "minmax"
+    EMA_MINMAX = "ema_minmax"
     HISTOGRAM = "histogram"
     CHANNEL_MEAN = "channel_mean"
+
+
+class EmaMinMaxStats:
+    """Exponential moving average of each batch's min and max (TF/QAT-style `moving average` observer).
+
+    Less sensitive than the global min/max to one extreme batch; the first batch initialises it.
+    """
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        self.momentum = momentum
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        if self.lo is None:
+            self.lo, self.hi = lo.double(), hi.double()
+            return
+        m = self.momentum
+        self.lo = m * self.lo + (1 - m) * lo.double()
+        self.hi = m * self.hi + (1 - m) * hi.double()
 
 
 class ChannelMeanStats:
@@ -134,77 +153,25 @@ class HistogramStats:
         return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
 
 
-@dataclass(frozen=True)
-class Method:
-    """A calibration method: the statistics it needs and the pure function that turns them into a range."""
-
-    needs: frozenset[Statistic]
-    compute_range: Callable[[dict[Statistic, object], object], tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def needs_histogram(self) -> bool:
-        return Statistic.HISTOGRAM in self.needs
-
-
-def minmax_range(stats: dict, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The observed minimum and maximum."""
-    mm: MinMaxStats = stats[Statistic.MINMAX]
-    return mm.lo, mm.hi
-
-
-def histogram_quantile(hist: HistogramStats, q: float) -> float:
-    """The q-quantile (0..1) of the histogrammed data, interpolating linearly inside a bin."""
-    cdf = torch.cumsum(hist.counts, 0)
-    total = float(cdf[-1])
-    if total == 0:
-        return 0.0
-    target = q * total
-    idx = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=hist.bins - 1))
-    before = float(cdf[idx - 1]) if idx > 0 else 0.0
-    inside = float(hist.counts[idx])
-    frac = (target - before) / inside if inside > 0 else 0.0
-    return hist.lo + (idx + frac) * hist.width
-
-
-def percentile_range(stats: dict, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clip both tails at `spec.percentile` (e.g. 99.99 keeps the central 99.98% of values)."""
-    hist: HistogramStats = stats[Statistic.HISTOGRAM]
-    mm: MinMaxStats = stats[Statistic.MINMAX]
-    p = spec.percentile / 100.0
-    lo = max(histogram_quantile(hist, 1.0 - p), float(mm.lo))
-    hi = min(histogram_quantile(hist, p), float(mm.hi))
-    return torch.tensor(lo), torch.tensor(hi)
-
-
-METHODS: dict[str, Method] = {
-    "minmax": Method(frozenset({Statistic.MINMAX}), minmax_range),
-    "percentile": Method(frozenset({Statistic.MINMAX, Statistic.HISTOGRAM}), percentile_range),
-}
-
-
-def lookup_method(name: str) -> Method:
-    """The registered method called `name`; the error lists the valid names."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown calibration method {name!r}; valid methods: {sorted(METHODS)}") from None
+_COLLECTORS = {Statistic.EMA_MINMAX: EmaMinMaxStats, Statistic.HISTOGRAM: HistogramStats}
 
 
 class Observer(nn.Module):
-    """Identity module that records the statistics its method needs.  One instance may observe several
-    tensors that must share quantization parameters (e.g. the input and output of a max-pool)."""
+    """Identity module that records statistics: min/max and channel means always, plus what the calibration
+    method declares it needs.  One instance may observe several tensors that must share quantization
+    parameters (e.g. the input and output of a max-pool)."""
 
-    def __init__(self, spec, axis: int | None, label: str) -> None:
+    def __init__(self, spec, axis: int | None, label: str, needs: frozenset[Statistic] = frozenset()) -> None:
         super().__init__()
         self.spec = spec
         self.label = label
-        method = lookup_method(spec.method)
         self.stats: dict[Statistic, object] = {
             Statistic.MINMAX: MinMaxStats(axis if spec.per_channel else None),
             Statistic.CHANNEL_MEAN: ChannelMeanStats(),  # cheap; feeds bias correction
         }
-        if Statistic.HISTOGRAM in method.needs:
-            self.stats[Statistic.HISTOGRAM] = HistogramStats()
+        for statistic in needs:
+            if statistic in _COLLECTORS:
+                self.stats[statistic] = _COLLECTORS[statistic]()
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,6 +194,3 @@ class Observer(nn.Module):
 
     def channel_mean(self) -> torch.Tensor | None:
         return self.stats[Statistic.CHANNEL_MEAN].mean()
-
-    def compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return lookup_method(self.spec.method).compute_range(self.stats, self.spec)

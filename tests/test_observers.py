@@ -3,15 +3,8 @@ import pytest
 import torch
 
 from eightbit.config import uint8_activations
-from eightbit.observers import (
-    METHODS,
-    HistogramStats,
-    MinMaxStats,
-    Observer,
-    Statistic,
-    histogram_quantile,
-    lookup_method,
-)
+from eightbit.methods import METHODS, histogram_quantile, lookup_method, percentile_range
+from eightbit.observers import HistogramStats, MinMaxStats, Observer, Statistic
 
 
 def test_minmax_stats_stream_equals_whole():
@@ -62,13 +55,14 @@ def test_histogram_memory_is_constant():
 
 def test_percentile_clips_outliers_minmax_does_not():
     x = torch.cat([torch.rand(100000), torch.tensor([1000.0])])
-    pct = Observer(uint8_activations(method="percentile", percentile=99.9), None, "t")
+    spec = uint8_activations(method="percentile", percentile=99.9)
+    pct = Observer(spec, None, "t", needs=METHODS["percentile"].needs)
     mm = Observer(uint8_activations(), None, "t")
     pct(x)
     mm(x)
-    assert float(mm.compute_range()[1]) == 1000.0
+    assert float(mm.stats[Statistic.MINMAX].hi) == 1000.0
     width = pct.stats[Statistic.HISTOGRAM].width
-    assert abs(float(pct.compute_range()[1]) - 0.999) <= width  # resolution of a 2048-bin histogram
+    assert abs(float(percentile_range(pct.stats, spec)[1]) - 0.999) <= width  # resolution of a 2048-bin histogram
 
 
 def test_observer_rejects_nan_with_a_clear_message():
@@ -78,6 +72,6 @@ def test_observer_rejects_nan_with_a_clear_message():
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="valid methods: \\['minmax', 'percentile'\\]"):
+    with pytest.raises(ValueError, match="valid methods: \\['admm', 'ema', 'kl', 'minmax', 'mse', 'percentile'\\]"):
         lookup_method("nope")
     assert set(METHODS) >= {"minmax", "percentile"}

@@ -1,0 +1,54 @@
+"""Calibration-method comparison on real models (issue: every calibration method, compared).
+
+EfficientNet-Lite0 with its ImageNet weights: calibrated on augmented crops of the 20 ImageNet photos,
+judged on a disjoint set of augmented crops (top-1 agreement and softmax KL against fp32).  Run twice:
+weights per-channel (the default) and per-tensor, where the depthwise layers make methods differ most.
+
+    .venv/bin/python bench/compare_methods.py [--calib 256] [--eval 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eightbit import Granularity, QuantConfig, int8_weights  # noqa: E402
+from eightbit.compare import compare_methods, format_results  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib", type=int, default=256)
+    parser.add_argument("--eval", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from eightbit import zoo
+
+    model = zoo.efficientnet_lite0()
+    images, _ = zoo.imagenet_photos()
+    calibration = list(zoo.augmented_crops(images, args.calib, seed=1).split(32))
+    evaluation = zoo.augmented_crops(images, args.eval, seed=7)
+    for title, weights in (
+        ("weights int8 per-channel", int8_weights()),
+        ("weights int8 per-tensor", int8_weights(granularity=Granularity.PER_TENSOR)),
+    ):
+        seconds, results = compare_methods(
+            model,
+            calibration,
+            evaluation,
+            config=QuantConfig(weights=weights),
+            weight_methods=("minmax", "mse"),
+            progress=False,
+        )
+        print(f"\n### EfficientNet-Lite0, {title}, {args.calib} calibration crops, {args.eval} eval crops\n")
+        print(format_results(results, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Compare calibration methods on one model: one calibration pass, every method computed from its statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from eightbit.api import calibrate
+from eightbit.config import QuantConfig
+
+DEFAULT_METHODS = ("minmax", "ema", "percentile", "mse", "kl")
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """Accuracy of one (activation method, weight method) pair against the float model."""
+
+    activation_method: str
+    weight_method: str
+    convert_seconds: float  # deriving ranges and converting; the shared calibration pass is reported apart
+    top1_agreement: float  # share of rows whose arg-max matches the float model
+    mean_kl: float  # KL(softmax(float) || softmax(int8)), mean over rows
+    mean_cosine: float
+
+
+def output_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float, float]:
+    """(top-1 agreement, mean softmax KL, mean cosine) of candidate rows against reference rows."""
+    ref, cand = reference.flatten(1).double(), candidate.flatten(1).double()
+    agreement = float((ref.argmax(1) == cand.argmax(1)).double().mean())
+    log_p, log_q = torch.log_softmax(ref, 1), torch.log_softmax(cand, 1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(1).mean())
+    cosine = float(nn.functional.cosine_similarity(ref, cand, dim=1).mean())
+    return agreement, kl, cosine
+
+
+def compare_methods(
+    model: nn.Module,
+    calibration_data: Iterable,
+    eval_inputs: torch.Tensor,
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    weight_methods: Sequence[str] = ("minmax",),
+    config: QuantConfig | None = None,
+    progress: bool = True,
+) -> tuple[float, list[MethodResult]]:
+    """Quantize `model` with every activation x weight method pair and measure each against the float model
+    on `eval_inputs`.  Returns (seconds of the one shared calibration pass, results)."""
+    config = config or QuantConfig()
+    start = time.perf_counter()
+    calibration = calibrate(model, calibration_data, config=config, methods=methods, progress=progress)
+    pass_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        reference = model.eval()(eval_inputs)
+    results = []
+    for weight_method in weight_methods:
+        for method in methods:
+            variant = replace(
+                config,
+                activations=replace(config.activations, method=method),
+                weights=replace(config.weights, method=weight_method),
+            )
+            start = time.perf_counter()
+            qm = calibration.quantize(variant)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                metrics = output_metrics(reference, qm(eval_inputs))
+            results.append(MethodResult(method, weight_method, seconds, *metrics))
+    return pass_seconds, results
+
+
+def format_results(results: Sequence[MethodResult], pass_seconds: float) -> str:
+    """A markdown table, best top-1 agreement (then lowest KL) first."""
+    rows = sorted(results, key=lambda r: (-r.top1_agreement, r.mean_kl))
+    lines = [
+        f"one calibration pass: {pass_seconds:.1f} s (shared by all methods)",
+        "",
+        "| activations | weights | top-1 agreement | softmax KL | cosine | convert s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.activation_method} | {r.weight_method} | {r.top1_agreement:.3f} | {r.mean_kl:.4f} | "
+        f"{r.mean_cosine:.4f} | {r.convert_seconds:.1f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
