@@ -23,7 +23,7 @@ from eightbit.fileio import atomic_path
 from eightbit.methods import lookup_method
 from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement, place
-from eightbit.transforms import fold_batchnorm
+from eightbit.transforms import fold_batchnorm, fuse_pad_into_conv
 
 ENCODINGS_VERSION = 1
 
@@ -240,6 +240,7 @@ def _prepare(model: nn.Module, example_inputs, config: QuantConfig) -> _Prepared
     captured = capture(model, args)
     gm = captured.graph_module
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
+    fuse_pad_into_conv(gm)
     return _Prepared(gm, captured, place(gm, config), config, args, input_names, folded)
 
 

@@ -118,6 +118,7 @@ def convert(
             group = str(call.target)[len(OBSERVER_PREFIX) :]
             dq_of_call[_insert_qdq(gm, call, group, act_encodings[group])] = act_encodings[group]
     pad_in_integer_domain(gm)
+    drop_clamps_implied_by_quantize(gm)
     weight_encodings = {}
     for node in list(gm.graph.nodes):
         rule = placement.quantized_ops.get(node.name)
@@ -239,3 +240,49 @@ def pad_in_integer_domain(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(pad)
         moved += 1
     return moved
+
+
+def _hardtanh_bounds(args) -> tuple:
+    return (args[1] if len(args) > 1 else -1.0, args[2] if len(args) > 2 else 1.0)
+
+
+_CLAMPS = {
+    torch.ops.aten.relu.default: lambda args: (0.0, None),
+    torch.ops.aten.relu_.default: lambda args: (0.0, None),
+    torch.ops.aten.relu6.default: lambda args: (0.0, 6.0),
+    torch.ops.aten.hardtanh.default: _hardtanh_bounds,
+    torch.ops.aten.hardtanh_.default: _hardtanh_bounds,
+    torch.ops.aten.clamp.default: lambda args: tuple(args[i] if len(args) > i else None for i in (1, 2)),
+}
+
+
+def _code(value: float, scale: torch.Tensor, zp: torch.Tensor) -> int:
+    """The integer code quantize gives `value` before saturation (round half to even, as quantize does)."""
+    return round(value / float(scale)) + int(zp)
+
+
+def drop_clamps_implied_by_quantize(gm: fx.GraphModule) -> int:
+    """Remove a ReLU/ReLU6/clamp whose only user is a quantize that saturates at least as tightly.
+
+    Exact: when each clamp bound's code is already saturated (round(lo / s) + zp <= qmin and
+    round(hi / s) + zp >= qmax, ONNX Runtime's own rule), the clamp changes no code the quantize produces.
+    ONNX Runtime removes such a Clip/Relu itself, OpenVINO keeps it as an extra op; dropping it here serves
+    both.  Returns the count.
+    """
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        bounds = _CLAMPS.get(node.target) if node.op == "call_function" else None
+        if bounds is None or len(node.users) != 1:
+            continue
+        (q,) = node.users
+        if not _is_op(q, ops.QUANTIZE) or q.args[0] is not node:
+            continue
+        scale, zp = attr_value(gm, q.args[1]), attr_value(gm, q.args[2])
+        if scale is None or zp is None or scale.dim() != 0:
+            continue
+        lo, hi = bounds(node.args)
+        if (lo is None or _code(lo, scale, zp) <= q.args[3]) and (hi is None or _code(hi, scale, zp) >= q.args[4]):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+    return dropped

@@ -43,6 +43,36 @@ def _dequantize_fake(q, scale, zero_point, axis):
     return torch.empty_like(q, dtype=torch.float32)
 
 
+@torch.library.custom_op("eightbit::conv2d_padded", mutates_args=())
+def conv2d_padded(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    pads: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """conv2d with explicit, possibly asymmetric zero padding `pads` = [top, left, bottom, right] (ONNX order).
+
+    aten.conv2d only pads symmetrically, so TF-style 'same' padding is captured as a separate pad op; this
+    op puts it back into the convolution, as ONNX Conv's `pads` attribute allows."""
+    x = torch.nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    return torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+@conv2d_padded.register_fake
+def _conv2d_padded_fake(x, weight, bias, stride, pads, dilation, groups):
+    x = torch.nn.functional.pad(x, [pads[1], pads[3], pads[0], pads[2]])
+    return torch.nn.functional.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+
+def conv2d_padded_onnx(x, weight, bias, stride, pads, dilation, groups: int):
+    """ONNX handler: one Conv with the explicit pads."""
+    inputs = (x, weight) if bias is None else (x, weight, bias)
+    return op.Conv(*inputs, strides=list(stride), pads=list(pads), dilations=list(dilation), group=groups)
+
+
 _CONTAINER_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "uint16": (0, 65535), "int16": (-32768, 32767)}
 
 
@@ -88,9 +118,11 @@ def spatial_mean_onnx(self, dim, keepdim: bool = False, dtype: int = -1):
 # The op overloads that graph nodes target.
 QUANTIZE = torch.ops.eightbit.quantize.default
 DEQUANTIZE = torch.ops.eightbit.dequantize.default
+CONV2D_PADDED = torch.ops.eightbit.conv2d_padded.default
 
 ONNX_TRANSLATIONS = {
     QUANTIZE: quantize_onnx,
     DEQUANTIZE: dequantize_onnx,
     torch.ops.aten.mean.dim: spatial_mean_onnx,
+    torch.ops.eightbit.conv2d_padded.default: conv2d_padded_onnx,
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from eightbit import ops
 from eightbit.config import OpKind, QuantConfig
 from eightbit.transforms.graph_utils import module_path
 
@@ -50,6 +51,7 @@ QUANTIZED_OPS: dict[object, OpRule] = {
     aten.conv1d.default: _CONV,
     aten.conv2d.default: _CONV,
     aten.conv3d.default: _CONV,
+    ops.CONV2D_PADDED: _CONV,
     aten.linear.default: _LINEAR,
     aten.matmul.default: _MATMUL,
     aten.bmm.default: _MATMUL,

@@ -30,8 +30,9 @@ def _observe(spec, *batches):
 
 
 def _fq_mse(x: torch.Tensor, lo: float, hi: float, spec) -> float:
-    scale, zp = qmath.qparams_from_range(torch.tensor(lo), torch.tensor(hi), qmin=spec.qmin, qmax=spec.qmax,
-                                         symmetric=spec.symmetric)
+    scale, zp = qmath.qparams_from_range(
+        torch.tensor(lo), torch.tensor(hi), qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric
+    )
     return float(((qmath.fake_quantize(x, scale, zp, spec.qmin, spec.qmax) - x) ** 2).mean())
 
 
@@ -132,8 +133,9 @@ def test_power_of_two_scales_pick_the_better_neighbour():
     assert float(s2) == 2.0 ** math.floor(math.log2(3.0 / 255))
 
 
-@pytest.mark.parametrize("act_method, weight_method", [("kl", "minmax"), ("mse", "mse"), ("ema", "admm"),
-                                                       ("percentile", "percentile")])
+@pytest.mark.parametrize(
+    "act_method, weight_method", [("kl", "minmax"), ("mse", "mse"), ("ema", "admm"), ("percentile", "percentile")]
+)
 def test_methods_run_end_to_end(act_method, weight_method):
     config = QuantConfig(activations=uint8_activations(method=act_method), weights=int8_weights(method=weight_method))
     model = DepthwiseNet().eval()
@@ -146,8 +148,9 @@ def test_methods_run_end_to_end(act_method, weight_method):
 def test_pow2_model_exports_and_runs_on_both_runtimes(tmp_path):
     from eightbit.runtime import Backend, load
 
-    config = QuantConfig(activations=uint8_activations(method="mse", power_of_two=True),
-                         weights=int8_weights(power_of_two=True))
+    config = QuantConfig(
+        activations=uint8_activations(method="mse", power_of_two=True), weights=int8_weights(power_of_two=True)
+    )
     qm = quantize(DepthwiseNet().eval(), calibration_batches(), config=config, progress=False)
     scales = [s for e in [*qm.activation_encodings.values(), *qm.weight_encodings.values()] for s in e.scale]
     assert all(math.log2(s) == round(math.log2(s)) for s in scales)

@@ -27,7 +27,8 @@ def test_residual_net_node_counts():
     assert ops["eightbit.quantize.default"] == 7
     # 7 activation DQ's + 3 weights + 3 int32 biases (stem bias is the folded BN's).
     assert ops["eightbit.dequantize.default"] == 13
-    assert ops["aten.relu.default"] == 1 and ops["aten.add.Tensor"] == 1
+    # The ReLU is dropped: its quantize (zero point 0) already clamps at 0.
+    assert ops["aten.relu.default"] == 0 and ops["aten.add.Tensor"] == 1
     groups = _placement(ResidualNet()).groups
     assert len(groups) == 5  # input, relu, conv, add+maxpool, avgpool+flatten
 
@@ -73,3 +74,25 @@ def test_keep_float_by_module_name_and_op_kind():
 def test_quantize_outputs_option():
     p = _placement(DepthwiseNet(), QuantConfig(quantize_outputs=True))
     assert "linear" in p.group_of()
+
+
+def test_clamp_is_kept_when_the_quantize_does_not_imply_it():
+    import torch
+    from torch import nn
+
+    class Clamped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.clamp(x, -0.5, 0.5)) + self.c(torch.relu(x))
+
+    model = Clamped().eval()
+    qm = quantize(model, calibration_batches(), progress=False)
+    ops = _ops(qm)
+    # clamp(-0.5, 0.5) is tighter than the input quantize's range: kept; relu before a zp-0 quantize: dropped.
+    assert ops["aten.clamp.default"] == 1 and ops["aten.relu.default"] == 0
+    x = torch.randn(2, 3, 16, 16)  # the calibration size: height and width were captured static
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(model(x).flatten(1), qm(x).flatten(1)).min() > 0.98

@@ -41,28 +41,33 @@ def test_depthwise_relu6_and_mean_pooling_fuse(tmp_path):
 
 
 class PaddedNet(nn.Module):
-    """TF-style 'same' padding as an explicit asymmetric Pad before a strided conv (EfficientNet-Lite)."""
+    """TF-style 'same' padding as an explicit asymmetric Pad before a strided conv (EfficientNet-Lite), and a
+    pad before a max-pool (no conv to absorb it)."""
 
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 16, 3, padding=1)
         self.c2 = nn.Conv2d(16, 16, 3, stride=2, groups=16)
+        self.c3 = nn.Conv2d(16, 8, 1)
 
     def forward(self, x):
         x = nn.functional.relu6(self.c1(x))
-        return nn.functional.relu6(self.c2(nn.functional.pad(x, (0, 1, 0, 1))))
+        x = nn.functional.relu6(self.c2(nn.functional.pad(x, (0, 1, 0, 1))))
+        x = nn.functional.max_pool2d(nn.functional.pad(x, (1, 1, 1, 1)), 2)
+        return self.c3(x)
 
 
-def test_zero_pad_runs_on_uint8_codes(tmp_path):
+def test_zero_pads_fold_into_conv_or_run_on_uint8_codes(tmp_path):
     model = PaddedNet()
     qm = quantize(model.eval(), calibration_batches(), progress=False)
     targets = Counter(str(n.target) for n in qm.graph_module.graph.nodes if n.op == "call_function")
-    assert targets["aten.constant_pad_nd.default"] == 1 and targets["aten.pad.default"] == 0
+    assert targets["eightbit.conv2d_padded.default"] == 1  # pad + conv2d became one op
+    assert targets["aten.constant_pad_nd.default"] == 1 and targets["aten.pad.default"] == 0  # on uint8 codes
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert nn.functional.cosine_similarity(model(x).flatten(1), qm(x).flatten(1)).min() > 0.99
     path = tmp_path / "p.onnx"
     assert qm.export_onnx(path).parity.max_steps < 3
     ops = _ort_ops(path, tmp_path)
-    assert ops["QLinearConv"] == 2 and ops["Pad"] == 1 and ops["DequantizeLinear"] == 1  # the output
+    assert ops["QLinearConv"] == 3 and ops["Pad"] == 1 and ops["DequantizeLinear"] == 1  # the output
     assert not {"Conv", "FusedConv"} & set(ops)
