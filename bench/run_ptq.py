@@ -63,8 +63,8 @@ class Iters:
     rounds: int  # the timed calls are split into this many rounds, interleaved across variants
 
 
-FULL = Iters(b1=(10, 40), bulk=(2, 8), rounds=1)
-QUICK = Iters(b1=(3, 10), bulk=(1, 2), rounds=1)
+FULL = Iters(b1=(10, 40), bulk=(2, 8), rounds=2)
+QUICK = Iters(b1=(3, 10), bulk=(1, 2), rounds=2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,8 +175,8 @@ def run_model(name: str, calib_n: int, iters: Iters, work: Path, variants: list[
     busy = cpu_busy_fraction()
     if busy is not None and busy > 0.1:
         print(f"  WARNING: {busy:.0%} of the CPUs were busy before timing; numbers below are distorted")
-    # One warmed-up block per variant (rounds=1): interleaving short blocks lets ORT's spinning threads slow
-    # whichever variant runs next (see RuntimeOptions.ort_spinning).
+    # Two rounds in A B C / C B A order, each block fully warmed up: cancels drift of the machine's speed;
+    # full warm-ups absorb the previous variant's spinning ORT threads (see RuntimeOptions.ort_spinning).
     b1 = time_interleaved(
         runners,
         lambda r: {r.input_names[0]: calib[0]},

@@ -124,19 +124,20 @@ def time_interleaved(
     iters: int,
     rounds: int = 4,
 ) -> dict[K, Timing]:
-    """Time several runners in round-robin blocks of about iters/rounds calls each.
+    """Time several runners in blocks, round by round, reversing the order every other round (A B C, C B A):
+    slow drift of the machine's speed then hits every runner alike instead of whichever ran last.
 
-    On a machine whose cores are shared, a burst of background load then hits every model alike instead
-    of whichever happened to be running, which keeps the ratios between models meaningful.
+    Every block starts with its own full warm-up: the previous runner's threads (ORT spins after each run)
+    and evicted caches slow the first calls after a switch (measured: one warm-up call was not enough for
+    OpenVINO after ORT).
     """
     per_round = max(1, -(-iters // max(rounds, 1)))
     feeds = {k: feeds_for(r) for k, r in runners.items()}
     times: dict[K, list[np.ndarray]] = {k: [] for k in runners}
+    order = list(runners.items())
     for i in range(max(rounds, 1)):
-        for key, runner in runners.items():
-            # Later rounds re-warm too: the previous runner's threads (ORT spins after each run) and evicted
-            # caches slow the first calls after a switch; one call was measured not to be enough for OpenVINO.
-            times[key].append(time_calls(runner, feeds[key], warmup if i == 0 else max(2, warmup // 2), per_round))
+        for key, runner in order if i % 2 == 0 else reversed(order):
+            times[key].append(time_calls(runner, feeds[key], warmup, per_round))
     return {k: Timing.from_ms(np.concatenate(v), batch_of(feeds[k])) for k, v in times.items()}
 
 
@@ -148,7 +149,7 @@ def benchmark_models(
     *,
     options: RuntimeOptions | None = None,
     iters: Callable[[int], tuple[int, int]] | None = None,
-    rounds: int = 1,
+    rounds: int = 2,
 ) -> list[Row]:
     """Time every (model, backend, batch size) combination, models interleaved (see `time_interleaved`).
 
@@ -160,9 +161,8 @@ def benchmark_models(
         options: threads / precision, shared by all runs.
         iters: batch -> (warmup, timed iterations); default 10/50 at batch 1 and 3/10 above, because
             large batches are slow and their per-call variance is small.
-        rounds: how many interleaved blocks the timed calls are split into.  1 (one warmed-up block per
-            model) is right on a quiet machine; more blocks spread background load evenly but make every
-            model pay the previous one's spinning threads (see `RuntimeOptions.ort_spinning`).
+        rounds: how many blocks the timed calls are split into, in A B C / C B A order (see
+            `time_interleaved`); 2 cancels linear drift of the machine's speed.
     """
     iters = iters or (lambda b: (10, 50) if b == 1 else (3, 10))
     runners = {
