@@ -16,7 +16,7 @@ from torch import fx, nn
 from eightbit import hw
 from eightbit.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
 from eightbit.capture import Captured, _with_batch, capture
-from eightbit.config import QuantConfig, overflow_fix_active
+from eightbit.config import QuantConfig, Scheme, overflow_fix_active
 from eightbit.convert import Encoding, activation_encodings, convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
@@ -67,6 +67,12 @@ class QuantizedModel(nn.Module):
     ) -> ExportReport:
         """Write a standard QDQ ONNX model (int8 weight initializers, dynamic batch) atomically and check it
         against ONNX Runtime."""
+        schemes = {e.scheme for e in [*self.weight_encodings.values(), *self.activation_encodings.values()]}
+        if Scheme.LOG2.value in schemes:
+            raise ValueError(
+                "log2 (exponential) weights are a study format: no ONNX runtime executes them, so "
+                "export is refused. Compare accuracy in PyTorch, and export with uniform weights."
+            )
         needs_16bit = max(self.config.activations.container_bits, self.config.weights.container_bits) > 8
         opset = opset or (21 if needs_16bit else DEFAULT_OPSET)
         return export_onnx(
@@ -78,6 +84,7 @@ class QuantizedModel(nn.Module):
             opset=opset,
             overwrite=overwrite,
             check=check,
+            float16=Scheme.FP16.value in schemes,
         )
 
     def encodings(self) -> dict:

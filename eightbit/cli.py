@@ -44,34 +44,48 @@ def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
     return model.eval(), None
 
 
-def _cmd_quantize(args) -> int:
-    from eightbit import Granularity, QuantConfig, int8_weights, quantize, uint8_activations
-    from eightbit.data import ImagePreprocess, calibration_files, folder_batches
-    from eightbit.fileio import check_output_path
+def _config(args):
+    from eightbit import Granularity, QuantConfig, int8_weights, uint8_activations
 
-    check_output_path(args.out, args.force)  # fail before the slow work
-    calibration_files(args.calib)
-    model, program_shape = _load_model(args.model)
+    granularity = Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL
+    weights = int8_weights(granularity=granularity, method=args.weight_method, power_of_two=args.pow2)
+    activations = uint8_activations(method=args.method, percentile=args.percentile, power_of_two=args.pow2)
+    return QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float))
+
+
+def _batches(args, folder, program_shape):
+    """A re-iterable stream of input batches from a folder, as the data arguments describe."""
+    from eightbit.data import ImagePreprocess, calibration_files, folder_batches
+
+    calibration_files(folder)
     preprocess = ImagePreprocess(
         size=args.image_size,
         resize=args.resize or round(args.image_size * 256 / 224),
         normalization=Normalization(args.normalize),
     )
     shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else program_shape
-    weights = int8_weights(granularity=Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL)
-    activations = uint8_activations(method=args.method, percentile=args.percentile)
-    config = QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float))
-    batches = functools.partial(
+    make = functools.partial(
         folder_batches,
-        args.calib,
+        folder,
         batch_size=args.batch_size,
         preprocess=preprocess,
         sample_shape=shape,
         limit=args.max_samples,
     )
+    return _Reiterable(make)
+
+
+def _cmd_quantize(args) -> int:
+    from eightbit import quantize
+    from eightbit.fileio import check_output_path
+
+    check_output_path(args.out, args.force)  # fail before the slow work
+    config = _config(args)
+    model, program_shape = _load_model(args.model)
+    batches = _batches(args, args.calib, program_shape)
     # A saved program is captured at the shape it was exported with (it may accept no other batch size).
     example = torch.zeros(program_shape) if program_shape else None
-    qm = quantize(model, _Reiterable(batches), example, config=config, progress=not args.quiet)
+    qm = quantize(model, batches, example, config=config, progress=not args.quiet)
     report = qm.export_onnx(args.out, overwrite=args.force)
     print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
     print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
@@ -80,6 +94,31 @@ def _cmd_quantize(args) -> int:
     if args.encodings:
         qm.save_encodings(args.encodings, overwrite=args.force)
         print(f"wrote {args.encodings}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from eightbit.compare import compare_methods, format_results
+
+    config = _config(args)
+    model, program_shape = _load_model(args.model)
+    evaluation = torch.cat(list(_batches(args, args.eval, program_shape)))
+    example = torch.zeros(program_shape) if program_shape else None
+    calibration = _batches(args, args.calib, program_shape)
+    if example is not None:
+        from eightbit.api import calibrate
+
+        calibrate(model, calibration, example, config=config, progress=False)  # fails early on a bad program
+    seconds, results = compare_methods(
+        model,
+        calibration,
+        evaluation,
+        methods=args.methods,
+        weight_methods=args.weight_methods,
+        config=config,
+        progress=not args.quiet,
+    )
+    print(format_results(results, seconds))
     return 0
 
 
@@ -97,28 +136,42 @@ def _cmd_bench(args) -> int:
     return bench_cli(args)
 
 
+def _model_and_data_args(p: argparse.ArgumentParser) -> None:
+    from eightbit.methods import METHODS
+
+    p.add_argument("model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program")
+    p.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")
+    p.add_argument("--method", default="minmax", help=f"activation calibration method {sorted(METHODS)}")
+    p.add_argument("--weight-method", default="minmax", help="weight method (minmax, percentile, mse, admm)")
+    p.add_argument("--percentile", type=float, default=99.99)
+    p.add_argument("--pow2", action="store_true", help="power-of-two scales (shift-only NPUs)")
+    p.add_argument("--per-tensor-weights", action="store_true")
+    p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)")
+    p.add_argument("--normalize", choices=[n.value for n in Normalization], default="imagenet")
+    p.add_argument("--input-shape", help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eightbit", description="Turn PyTorch models into fast int8 models.")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a PyTorch model to an int8 ONNX (QDQ) model")
-    q.add_argument("model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program")
-    q.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")
+    _model_and_data_args(q)
     q.add_argument("--out", required=True, help="output .onnx path")
     q.add_argument("--force", action="store_true", help="overwrite existing output files")
-    q.add_argument("--method", default="minmax", help="activation calibration method (minmax, percentile)")
-    q.add_argument("--percentile", type=float, default=99.99)
-    q.add_argument("--per-tensor-weights", action="store_true")
-    q.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
-    q.add_argument("--image-size", type=int, default=224)
-    q.add_argument("--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)")
-    q.add_argument("--normalize", choices=[n.value for n in Normalization], default="imagenet")
-    q.add_argument("--input-shape", help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
-    q.add_argument("--batch-size", type=int, default=16)
-    q.add_argument("--max-samples", type=int, default=None)
     q.add_argument("--encodings", help="also save the quantization parameters (JSON) here")
-    q.add_argument("--quiet", action="store_true")
     q.add_argument("--verbose", action="store_true", help="print the per-op table")
     q.set_defaults(func=_cmd_quantize)
+    c = sub.add_parser("compare", help="quantize with each calibration method and compare accuracy against fp32")
+    _model_and_data_args(c)
+    c.add_argument("--eval", required=True, help="folder of evaluation inputs (same formats as --calib)")
+    c.add_argument("--methods", nargs="+", default=["minmax", "ema", "percentile", "mse", "kl"])
+    c.add_argument("--weight-methods", nargs="+", default=["minmax"])
+    c.set_defaults(func=_cmd_compare)
     b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
     b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")
     b.add_argument("--fp32", help="the fp32 .onnx to compare against (default: derived from the int8 model)")

@@ -45,13 +45,14 @@ def compare_methods(
     methods: Sequence[str] = DEFAULT_METHODS,
     weight_methods: Sequence[str] = ("minmax",),
     config: QuantConfig | None = None,
+    example_inputs=None,
     progress: bool = True,
 ) -> tuple[float, list[MethodResult]]:
     """Quantize `model` with every activation x weight method pair and measure each against the float model
     on `eval_inputs`.  Returns (seconds of the one shared calibration pass, results)."""
     config = config or QuantConfig()
     start = time.perf_counter()
-    calibration = calibrate(model, calibration_data, config=config, methods=methods, progress=progress)
+    calibration = calibrate(model, calibration_data, example_inputs, config=config, methods=methods, progress=progress)
     pass_seconds = time.perf_counter() - start
     with torch.no_grad():
         reference = model.eval()(eval_inputs)

@@ -31,6 +31,15 @@ class OpKind(enum.Enum):
     POOL = "pool"
 
 
+class Scheme(enum.Enum):
+    """Number format.  UNIFORM is affine integer quantization (what int8 runtimes execute); LOG2 (weights only)
+    and FP16 are simulated for accuracy studies: LOG2 cannot be exported, FP16 exports as an fp16 model."""
+
+    UNIFORM = "uniform"
+    LOG2 = "log2"
+    FP16 = "fp16"
+
+
 class OverflowFix(enum.Enum):
     """Keep int8 weights to 7-bit codes ([-63, 63]) so x86 CPUs without VNNI cannot saturate.
 
@@ -57,6 +66,7 @@ class QuantSpec:
     narrow_range: drop the most negative code so the range is symmetric ([-127, 127] for int8).
     method: calibration method name, a key of `eightbit.methods.METHODS`.
     power_of_two: round scales to powers of two (shift-only NPUs); exported as ordinary Q/DQ.
+    scheme: UNIFORM (default), or LOG2 / FP16 simulated for study (see Scheme).
     percentile: the upper percentile kept by the `percentile` method.
     """
 
@@ -69,10 +79,13 @@ class QuantSpec:
     method: str = "minmax"
     percentile: float = 99.99
     power_of_two: bool = False
+    scheme: Scheme = Scheme.UNIFORM
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
             raise ValueError(f"bits must be in 2..16, got {self.bits}")
+        if not isinstance(self.scheme, Scheme):
+            raise TypeError(f"scheme must be a Scheme, got {self.scheme!r}")
         if not isinstance(self.granularity, Granularity):
             raise TypeError(f"granularity must be a Granularity, got {self.granularity!r}")
         if self.narrow_range and not self.signed:
@@ -149,6 +162,10 @@ class QuantConfig:
                 raise TypeError(f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}")
         if self.activations.per_channel and self.activations.bits not in (8, 16):
             raise ValueError("per-channel activations are supported at 8 or 16 bits only")
+        if self.activations.scheme is Scheme.LOG2:
+            raise ValueError("log2 quantization is supported for weights only")
+        if (self.weights.scheme is Scheme.FP16) != (self.activations.scheme is Scheme.FP16):
+            raise ValueError("fp16 applies to weights and activations together: set scheme=Scheme.FP16 on both")
         if lookup_method(self.weights.method).weight_range is None:
             raise ValueError(
                 f"method {self.weights.method!r} is for activations only; weights take "

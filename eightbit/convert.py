@@ -13,7 +13,7 @@ from torch import fx
 
 from eightbit import methods, ops, qmath
 from eightbit.calibrate import OBSERVER_PREFIX, activation_axis
-from eightbit.config import QuantConfig, QuantSpec, seven_bit
+from eightbit.config import QuantConfig, QuantSpec, Scheme, seven_bit
 from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement
 from eightbit.transforms.bias_correction import bias_shift
@@ -32,6 +32,7 @@ class Encoding:
     range: tuple[list[float], list[float]] | None = None
     tensors: list[str] = field(default_factory=list)
     mean: list[float] | None = None  # per-channel mean seen in calibration (bias correction)
+    scheme: str = "uniform"  # a Scheme value; log2/fp16 are simulated, not integer codes
 
     def tensors_(self) -> tuple[torch.Tensor, torch.Tensor]:
         per = self.axis is not None
@@ -65,11 +66,18 @@ def activation_encodings(observers: dict[str, Observer], placement: Placement, s
         enc.tensors = list(placement.groups[group])
         mean = observer.channel_mean()
         enc.mean = None if mean is None else mean.tolist()
+        enc.scheme = spec.scheme.value
         out[group] = enc
     return out
 
 
 def _insert_qdq(gm: fx.GraphModule, call: fx.Node, group: str, enc: Encoding) -> fx.Node:
+    if enc.scheme == Scheme.FP16.value:
+        with gm.graph.inserting_before(call):
+            rounded = gm.graph.call_function(ops.ROUND_FP16, (call.args[0],))
+        call.replace_all_uses_with(rounded)
+        gm.graph.erase_node(call)
+        return rounded
     scale, zp = enc.tensors_()
     axis = -1 if enc.axis is None else enc.axis
     s_node = add_constant(gm, call, f"{group}_scale", scale)
@@ -127,6 +135,9 @@ def convert(
         w = attr_value(gm, node.args[rule.weight_arg])
         if w is None:
             continue
+        if config.weights.scheme is not Scheme.UNIFORM:
+            weight_encodings[node.name] = _simulated_weight(gm, node, rule, w, config.weights)
+            continue
         depthwise = w.dim() > 2 and w.shape[1] == 1
         spec = seven_bit(config.weights) if overflow_fix and not depthwise else config.weights
         enc = _weight_encoding(w, spec)
@@ -144,6 +155,20 @@ def convert(
     gm.delete_all_unused_submodules()
     gm.recompile()
     return weight_encodings
+
+
+def _simulated_weight(gm: fx.GraphModule, node: fx.Node, rule, w: torch.Tensor, spec: QuantSpec) -> Encoding:
+    """Replace a weight by its log2- or fp16-rounded float value (simulation only, no integer codes)."""
+    axis = (spec.channel_axis or 0) if spec.per_channel else None
+    w = w.detach().float()
+    value = qmath.log2_quantize(w, spec.bits, axis) if spec.scheme is Scheme.LOG2 else qmath.fp16_round(w)
+    args = list(node.args)
+    args[rule.weight_arg] = add_constant(gm, node, f"{node.name}_weight_{spec.scheme.value}", value)
+    node.args = tuple(args)
+    peak = methods._per_channel(w.abs(), axis).amax(dim=1)
+    return Encoding(
+        peak.tolist(), [0] * peak.numel(), spec.qmin, spec.qmax, axis, tensors=[node.name], scheme=spec.scheme.value
+    )
 
 
 def _bias_shift(node, rule, args, dq_of_call, w, q, enc) -> torch.Tensor | None:

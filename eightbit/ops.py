@@ -43,6 +43,22 @@ def _dequantize_fake(q, scale, zero_point, axis):
     return torch.empty_like(q, dtype=torch.float32)
 
 
+@torch.library.custom_op("eightbit::round_fp16", mutates_args=())
+def round_fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float16 precision, kept in float32 (simulated fp16 activations)."""
+    return qmath.fp16_round(x)
+
+
+@round_fp16.register_fake
+def _round_fp16_fake(x):
+    return torch.empty_like(x)
+
+
+def round_fp16_onnx(x):
+    """ONNX handler: Cast to float16 and back (the fp16 export then turns the whole graph into float16)."""
+    return op.Cast(op.Cast(x, to=10), to=1)
+
+
 @torch.library.custom_op("eightbit::conv2d_padded", mutates_args=())
 def conv2d_padded(
     x: torch.Tensor,
@@ -119,10 +135,12 @@ def spatial_mean_onnx(self, dim, keepdim: bool = False, dtype: int = -1):
 QUANTIZE = torch.ops.eightbit.quantize.default
 DEQUANTIZE = torch.ops.eightbit.dequantize.default
 CONV2D_PADDED = torch.ops.eightbit.conv2d_padded.default
+ROUND_FP16 = torch.ops.eightbit.round_fp16.default
 
 ONNX_TRANSLATIONS = {
     QUANTIZE: quantize_onnx,
     DEQUANTIZE: dequantize_onnx,
     torch.ops.aten.mean.dim: spatial_mean_onnx,
     torch.ops.eightbit.conv2d_padded.default: conv2d_padded_onnx,
+    torch.ops.eightbit.round_fp16.default: round_fp16_onnx,
 }

@@ -98,3 +98,29 @@ def quantize_bias(bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: t
     scale = input_scale * weight_scale
     limit = torch.iinfo(torch.int32).max
     return torch.clamp(torch.round(bias / scale), -limit, limit).to(torch.int32)
+
+
+def log2_quantize(w: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
+    """Logarithmic (exponential) quantization: sign(w) * m * 2^-k with m the per-channel (or tensor) max |w|.
+
+    One bit is the sign and one code means zero, so k takes 2^(bits-1) - 1 values.  Rounding is to the nearest
+    power of two in the log domain; magnitudes under half the smallest level (nearer zero than that level)
+    flush to zero.
+    """
+    levels = 2 ** (bits - 1) - 1
+    magnitude = w.abs()
+    if axis is None:
+        peak = magnitude.amax()
+    else:
+        dims = [d for d in range(w.dim()) if d != axis]
+        peak = magnitude.amax(dim=dims, keepdim=True) if dims else magnitude
+    ratio = magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))
+    k = torch.round(-torch.log2(ratio.clamp_min(torch.finfo(torch.float32).tiny)))
+    levels_value = peak * torch.exp2(-k.clamp(max=levels - 1))
+    keep = ratio >= 2.0 ** -(levels - 1) / 2
+    return torch.where(keep, torch.sign(w) * levels_value, torch.zeros_like(w))
+
+
+def fp16_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest float16 value (beyond +-65504 it becomes +-inf, as on the hardware)."""
+    return x.to(torch.float16).to(x.dtype)

@@ -149,3 +149,67 @@ def test_corrupt_calibration_file(tmp_path, capsys):
         == 2
     )
     assert "cannot read calibration file" in capsys.readouterr().err
+
+
+def test_compare_and_method_options(npy_folder, tmp_path, capsys):
+    rc = main(
+        [
+            "compare",
+            "tests.helpers:DepthwiseNet",
+            "--calib",
+            str(npy_folder),
+            "--eval",
+            str(npy_folder),
+            "--input-shape",
+            "1,3,16,16",
+            "--methods",
+            "minmax",
+            "kl",
+            "--weight-methods",
+            "minmax",
+            "admm",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 5 and "| kl | admm |" in table  # header + 4 method pairs
+    out = tmp_path / "pow2.onnx"
+    assert (
+        main(
+            [
+                "quantize",
+                "tests.helpers:DepthwiseNet",
+                "--calib",
+                str(npy_folder),
+                "--out",
+                str(out),
+                "--input-shape",
+                "1,3,16,16",
+                "--method",
+                "mse",
+                "--weight-method",
+                "mse",
+                "--pow2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "quantize",
+                "tests.helpers:DepthwiseNet",
+                "--calib",
+                str(npy_folder),
+                "--out",
+                str(tmp_path / "other.onnx"),
+                "--method",
+                "admm",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "for weights only" in capsys.readouterr().err

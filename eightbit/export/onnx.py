@@ -60,9 +60,16 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     check: bool = True,
+    float16: bool = False,
 ) -> ExportReport:
-    """Write `gm` to `path` as ONNX (atomically) and, if `check`, compare ONNX Runtime with PyTorch."""
+    """Write `gm` to `path` as ONNX (atomically) and, if `check`, compare ONNX Runtime with PyTorch.
+
+    float16: store weights and compute in float16 (inputs and outputs stay float32)."""
     model = to_onnx_model(gm, example_args, input_names=input_names, dynamic_batch=dynamic_batch, opset=opset)
+    if float16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True)
     with atomic_path(path, overwrite) as tmp:
         onnx.save(model, tmp)
         parity = check_parity(gm, tmp, example_args) if check else None
