@@ -97,34 +97,40 @@ def mse_range(stats: dict, spec) -> Range:
     return lo[best], hi[best]
 
 
-def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    mask = p > 0
-    return float((p[mask] * torch.log(p[mask] / q[mask].clamp_min(1e-12))).sum())
-
-
 def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
     """TensorRT's entropy calibration on a histogram: the bin count i (>= `levels`) whose clipped
     distribution P (outliers folded into its last bin) is best approximated, in KL divergence, by the
-    unclipped bins merged into `levels` quantization levels and spread back over their nonzero bins."""
+    unclipped bins merged into `levels` quantization levels and spread back over their nonzero bins.
+
+    Groups follow TensorRT/MXNet: i // levels bins each, the remainder merged into the last group.  All
+    candidates are evaluated at once from prefix sums ([candidates, bins] matrices), not in a Python loop.
+    """
     counts = counts.double()
-    best_i, best_kl = len(counts), math.inf
-    tail = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # tail[i] = counts[i:].sum()
-    for i in range(levels, len(counts) + 1, stride):
-        sliced = counts[:i]
-        p = sliced.clone()
-        if i < len(counts):
-            p[-1] += tail[i]
-        # As in TensorRT/MXNet: groups of i // levels bins, the remainder merged into the last group.
-        group = torch.clamp(torch.div(torch.arange(i), i // levels, rounding_mode="floor"), max=levels - 1)
-        sums = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, sliced)
-        nonzero = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, (sliced > 0).double())
-        q = torch.where(sliced > 0, sums[group] / nonzero[group].clamp_min(1), torch.zeros_like(sliced))
-        if p.sum() == 0 or q.sum() == 0:
-            continue
-        kl = _kl(p / p.sum(), q / q.sum())
-        if kl < best_kl:
-            best_i, best_kl = i, kl
-    return best_i
+    bins = len(counts)
+    cand = torch.arange(levels, bins + 1, stride)
+    if len(cand) == 0:
+        return bins
+    zero = torch.zeros(1, dtype=torch.float64)
+    prefix = torch.cat([zero, torch.cumsum(counts, 0)])
+    nonzero_prefix = torch.cat([zero, torch.cumsum((counts > 0).double(), 0)])
+    width = torch.div(cand, levels, rounding_mode="floor")  # bins per group, per candidate
+    group = torch.arange(levels)
+    start = group[None, :] * width[:, None]
+    end = torch.where(group[None, :] == levels - 1, cand[:, None], (group[None, :] + 1) * width[:, None])
+    average = (prefix[end] - prefix[start]) / (nonzero_prefix[end] - nonzero_prefix[start]).clamp_min(1)
+    j = torch.arange(bins)
+    inside = j[None, :] < cand[:, None]
+    member = torch.clamp(torch.div(j[None, :], width[:, None], rounding_mode="floor"), max=levels - 1)
+    q = torch.where(inside & (counts[None, :] > 0), average.gather(1, member), 0.0)
+    p = torch.where(inside, counts[None, :], 0.0)
+    rows = torch.arange(len(cand))
+    p[rows, cand - 1] += prefix[-1] - prefix[cand]  # outliers join the last kept bin
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
+    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+    terms = torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-12)), 0.0)
+    kl = terms.sum(1)
+    kl = torch.where(q.sum(1) > 0, kl, torch.full_like(kl, math.inf))
+    return int(cand[int(torch.argmin(kl))])
 
 
 def kl_range(stats: dict, spec) -> Range:
