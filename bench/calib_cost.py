@@ -102,6 +102,12 @@ def run_worker(args) -> None:
     print(json.dumps({"seconds": seconds, "peak_gb": peak_gb, "status": status}))
 
 
+def _failure(stderr: str) -> str:
+    if "Failed to allocate memory" in stderr or "MemoryError" in stderr:
+        return f"out of memory (> {MEMORY_CAP_GB} GB address space)"
+    return f"crashed: {stderr[-300:]}"
+
+
 def export_fp32(path: Path) -> None:
     import torch
 
@@ -156,7 +162,7 @@ def main() -> int:
                         else {
                             "seconds": float("nan"),
                             "peak_gb": float("nan"),
-                            "status": f"crashed: {done.stderr[-300:]}",
+                            "status": _failure(done.stderr),
                         }
                     )
                     rows.append({"tool": tool, "method": method, "samples": n, **result})

@@ -136,7 +136,8 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
 def kl_range(stats: dict, spec) -> Range:
     """Entropy (KL) calibration.  Non-negative data (after ReLU) is searched on [0, max] with as many levels
     as the type has codes; signed data on a histogram of |x| with half as many (TensorRT's symmetric scheme).
-    The histogram has 2048 bins at 8 bits and grows with the bit width (16 per level, at most 8192)."""
+    The search runs on the observer's histogram (2048 bins, fewer after range growth); with no more bins
+    than levels there is nothing to choose and the full range is kept."""
     hist: HistogramStats = stats[Statistic.HISTOGRAM]
     mm: MinMaxStats = stats[Statistic.MINMAX]
     lo, hi = float(mm.lo), float(mm.hi)
@@ -146,13 +147,19 @@ def kl_range(stats: dict, spec) -> Range:
         magnitude, top = centres, hi
     else:
         magnitude, top, levels = centres.abs(), max(-lo, hi), max(2, levels // 2)
-    if top <= 0:
-        return torch.tensor(lo), torch.tensor(hi)
-    bins = min(8192, max(2048, 16 * levels))
+    # Fold at the observer's own resolution: re-binning into finer bins than were observed leaves a comb of
+    # empty bins, and the KL search then "finds" thresholds where each group holds one nonzero bin.
+    bins = min(8192, int(round(top / hist.width))) if top > 0 else 0
+    if bins <= levels:
+        return torch.tensor(lo), torch.tensor(hi)  # too few observed bins to choose a clip
     folded = torch.zeros(bins, dtype=torch.float64).index_add_(
         0, (magnitude / top * bins).long().clamp(0, bins - 1), hist.counts
     )
-    # Every 4th candidate: thresholds 4 fine bins apart differ by < 0.2% of the range.
+    if lo >= 0:
+        # The exact zeros of a ReLU are a spike in bin 0 that any clip represents exactly; left in, they
+        # dominate P and make the search accept clipping most of the real signal (ReLU6 nets).
+        folded[0] = 0
+    # Every 4th candidate: neighbouring thresholds differ by well under 1% of the range.
     threshold = kl_threshold(folded, min(levels, bins), stride=4) * top / bins
     return torch.tensor(max(lo, -threshold)), torch.tensor(min(hi, threshold))
 

@@ -214,9 +214,11 @@ def test_breakdown_of_fused_qdq_conv_is_mostly_int8(conv_path, tmp_path):
     assert prof.runs == 5
     breakdown = prof.by_category()
     total = sum(breakdown.values())
-    # Kernel time is most of a run; the rest is ORT's per-run overhead.
-    assert 0.5 * prof.run_ms <= total <= 1.0001 * prof.run_ms
-    assert breakdown[OpCategory.INT8_COMPUTE.value] > 0.6 * total
+    # Kernel time is part of a run; the rest is ORT's per-run overhead.
+    assert 0 < total <= 1.0001 * prof.run_ms
+    # Shares of time move with machine load; what cannot move: no float kernel ran, and int8 kernels dominate.
+    assert breakdown[OpCategory.FLOAT_COMPUTE.value] == 0
+    assert breakdown[OpCategory.INT8_COMPUTE.value] == max(breakdown.values())
     assert ("QLinearConv", OpCategory.INT8_COMPUTE) in prof.kernel_ms
 
 
@@ -224,7 +226,7 @@ def test_breakdown_of_float_model_is_float(conv_path, tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(strip_qdq(onnx.load(conv_path)), fp32)
     breakdown = op_time_breakdown(fp32, _feeds(None, 1), threads=2, runs=3)
-    assert breakdown[OpCategory.FLOAT_COMPUTE.value] > 0.6 * sum(breakdown.values())
+    assert breakdown[OpCategory.FLOAT_COMPUTE.value] == max(breakdown.values())
     assert breakdown[OpCategory.INT8_COMPUTE.value] == 0.0
 
 

@@ -82,10 +82,11 @@ def test_kl_threshold_matches_reference_on_small_histogram():
 
 
 def test_kl_clips_outliers_of_relu_like_data():
-    x = torch.cat([torch.rand(100_000).pow(3), torch.tensor([50.0])])  # mass near 0, one huge outlier
+    x = torch.cat([torch.rand(100_000).pow(3), torch.tensor([20.0])])  # mass in [0, 1], one outlier at 20
     spec = uint8_activations(method="kl")
     lo, hi = kl_range(_observe(spec, x).stats, spec)
-    assert abs(float(lo)) < 1e-6 and float(hi) < 5.0  # the outlier at 50 is clipped
+    # 256 levels on a 2048-bin histogram cannot clip below 256 bins (2.5): the outlier is clipped that far.
+    assert abs(float(lo)) < 1e-6 and float(hi) < 3.0
 
 
 def test_ema_follows_the_moving_average_formula():
@@ -170,3 +171,13 @@ def test_role_checks_name_the_valid_methods():
     with pytest.raises(ValueError, match="for weights only"):
         QuantConfig(activations=uint8_activations(method="admm"))
     assert Statistic.HISTOGRAM in METHODS["kl"].needs
+
+
+def test_kl_after_histogram_growth_keeps_uniform_data_unclipped():
+    # The second batch doubles the range, halving the histogram's resolution over the data; KL must search at
+    # that resolution (re-binning finer created empty-bin combs and absurd clips: regression test).
+    spec = uint8_activations(method="kl")
+    torch.manual_seed(0)
+    obs = _observe(spec, torch.rand(50_000) * 3, torch.rand(50_000) * 6, torch.rand(50_000) * 6)
+    lo, hi = kl_range(obs.stats, spec)
+    assert float(hi) > 4.5
