@@ -17,6 +17,7 @@ from eightbit.config import QuantConfig, QuantSpec, Scheme, seven_bit
 from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement
 from eightbit.transforms.bias_correction import bias_shift
+from eightbit.transforms.fuse_pad import PADS, zero_pad
 from eightbit.transforms.graph_utils import add_constant, attr_value
 
 
@@ -217,21 +218,8 @@ def _drop_unused_attributes(gm: fx.GraphModule) -> None:
             delattr(gm, name)
 
 
-_PADS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
-
-
 def _is_op(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _zero_pad_args(node: fx.Node) -> tuple | None:
-    """(input, pads) of a constant zero pad, else None."""
-    if node.target is torch.ops.aten.pad.default:
-        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
-        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
-    else:
-        mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    return (node.args[0], node.args[1]) if mode == "constant" and not value else None
 
 
 def pad_in_integer_domain(gm: fx.GraphModule) -> int:
@@ -242,11 +230,11 @@ def pad_in_integer_domain(gm: fx.GraphModule) -> int:
     leaves DQ -> Conv -> Q for the runtime to fuse.  Returns the number of pads moved.
     """
     moved = 0
-    for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _PADS]:
-        parsed = _zero_pad_args(pad)
-        if parsed is None or len(pad.users) != 1:
+    for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PADS]:
+        pads = zero_pad(pad)
+        if pads is None or len(pad.users) != 1:
             continue
-        dq_in, pads = parsed
+        dq_in = pad.args[0]
         (q_out,) = pad.users
         if not (_is_op(dq_in, ops.DEQUANTIZE) and _is_op(q_out, ops.QUANTIZE)):
             continue

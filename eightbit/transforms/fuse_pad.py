@@ -8,7 +8,7 @@ from torch import fx
 from eightbit import ops
 
 aten = torch.ops.aten
-_PADS = (aten.pad.default, aten.constant_pad_nd.default)
+PADS = (aten.pad.default, aten.constant_pad_nd.default)
 
 
 def conv_pads(pad: list[int], conv_padding: list[int]) -> list[int]:
@@ -19,8 +19,9 @@ def conv_pads(pad: list[int], conv_padding: list[int]) -> list[int]:
     return [top + ph, left + pw, bottom + ph, right + pw]
 
 
-def _zero_pad_2d(node: fx.Node) -> list[int] | None:
-    if node.op != "call_function" or node.target not in _PADS or len(node.args) < 2:
+def zero_pad(node) -> list[int] | None:
+    """The pad list of a constant zero pad node (F.pad order: last dim first), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in PADS or len(node.args) < 2:
         return None
     pad = list(node.args[1])
     if node.target is aten.pad.default:
@@ -28,7 +29,7 @@ def _zero_pad_2d(node: fx.Node) -> list[int] | None:
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
     else:
         mode, value = "constant", node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    ok = mode == "constant" and not value and len(pad) == 4 and all(isinstance(p, int) and p >= 0 for p in pad)
+    ok = mode == "constant" and not value and all(isinstance(p, int) and p >= 0 for p in pad)
     return pad if ok else None
 
 
@@ -40,8 +41,8 @@ def fuse_pad_into_conv(gm: fx.GraphModule) -> int:
     """
     fused = 0
     for pad_node in list(gm.graph.nodes):
-        pad = _zero_pad_2d(pad_node)
-        if pad is None or len(pad_node.users) != 1:
+        pad = zero_pad(pad_node)
+        if pad is None or len(pad) != 4 or len(pad_node.users) != 1:
             continue
         (conv,) = pad_node.users
         if conv.op != "call_function" or conv.target is not aten.conv2d.default or conv.args[0] is not pad_node:
