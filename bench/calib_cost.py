@@ -111,15 +111,9 @@ def _failure(stderr: str) -> str:
 def export_fp32(path: Path) -> None:
     import torch
 
-    model = _model()
-    torch.onnx.export(
-        model,
-        (torch.randn(1, 3, 224, 224),),
-        path,
-        input_names=["input"],
-        dynamo=True,
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-    )
+    from eightbit.export.onnx import export_float
+
+    export_float(_model(), (torch.randn(1, 3, 224, 224),), path)
 
 
 def main() -> int:

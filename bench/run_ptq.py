@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `eightbit` im
 from bench.models import BenchModel, build  # noqa: E402
 from bench.peers import Peer, quantize_peer  # noqa: E402
 from eightbit.benchmark import time_interleaved  # noqa: E402
+from eightbit.export.onnx import export_float  # noqa: E402
 from eightbit.runtime import Backend, RuntimeOptions, load  # noqa: E402
 
 THREADS = 2
@@ -82,15 +83,6 @@ class Record:
     top1_agree: float
     quantize_s: float | None
     cpu_busy_before: float | None  # machine-wide CPU use just before this model's timings (0..1)
-
-
-def export_fp32(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.onnx.export (dynamo) with a dynamic batch dimension."""
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(
-        model, (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},),
-        input_names=["input"], output_names=["logits"], verbose=False,
-    )  # fmt: skip
 
 
 def make_eightbit(model: torch.nn.Module, calib: list[np.ndarray], example: torch.Tensor, path: Path) -> bool:
@@ -144,7 +136,7 @@ def run_model(name: str, calib_n: int, iters: Iters, work: Path, variants: list[
 
     t0 = time.perf_counter()
     paths: dict[Variant, Path] = {Variant.FP32: work / f"{name}.fp32.onnx"}
-    export_fp32(model, example, paths[Variant.FP32])
+    export_float(model, (example,), paths[Variant.FP32])
     print(f"  exported fp32 in {time.perf_counter() - t0:.1f}s")
     qtime: dict[Variant, float] = {}
     t0 = time.perf_counter()

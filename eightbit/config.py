@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from eightbit.methods import lookup_method
+from eightbit.methods import METHODS, lookup_method
 
 
 class Granularity(enum.Enum):
@@ -169,12 +169,12 @@ class QuantConfig:
         if lookup_method(self.weights.method).weight_range is None:
             raise ValueError(
                 f"method {self.weights.method!r} is for activations only; weights take "
-                f"{sorted(n for n, m in _methods().items() if m.weight_range)}"
+                f"{sorted(n for n, m in METHODS.items() if m.weight_range)}"
             )
         if lookup_method(self.activations.method).activation_range is None:
             raise ValueError(
                 f"method {self.activations.method!r} is for weights only; activations take "
-                f"{sorted(n for n, m in _methods().items() if m.activation_range)}"
+                f"{sorted(n for n, m in METHODS.items() if m.activation_range)}"
             )
         if self.activations.per_channel and lookup_method(self.activations.method).needs_histogram:
             raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
@@ -191,9 +191,3 @@ def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:
 def seven_bit(spec: QuantSpec) -> QuantSpec:
     """The same spec with 7-bit codes ([-63, 63] when narrow)."""
     return replace(spec, bits=7, narrow_range=True)
-
-
-def _methods():
-    from eightbit.methods import METHODS
-
-    return METHODS

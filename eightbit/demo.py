@@ -15,21 +15,8 @@ import torch
 
 from eightbit import metrics, quantize, zoo
 from eightbit.benchmark import latency, throughput
-from eightbit.fileio import atomic_path
+from eightbit.export.onnx import export_float
 from eightbit.runtime import Backend, RuntimeOptions, load
-
-
-def export_fp32(model: torch.nn.Module, path: Path) -> None:
-    """The float reference as ONNX (same exporter, dynamic batch)."""
-    import io
-    import warnings
-    from contextlib import redirect_stdout
-
-    batch = torch.export.Dim("batch")
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), atomic_path(path, overwrite=True) as tmp:
-        warnings.simplefilter("ignore")
-        program = torch.export.export(model, (torch.randn(2, 3, 224, 224),), dynamic_shapes=({0: batch},))
-        torch.onnx.export(program, dynamo=True, verbose=False).save(tmp)
 
 
 def _row(name, runner, x, labels, ref, size_mb, iters):
@@ -71,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     calibrated = time.perf_counter() - start
     int8_path, fp32_path = out / "efficientnet_lite0_int8.onnx", out / "efficientnet_lite0_fp32.onnx"
     report = qm.export_onnx(int8_path, overwrite=True)
-    export_fp32(model, fp32_path)
+    export_float(model, (torch.randn(1, 3, 224, 224),), fp32_path, overwrite=True)
     print(qm.summary().split("\n\n")[0])
     print(f"quantized in {calibrated:.1f} s; {report.parity}")
 

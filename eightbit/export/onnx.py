@@ -116,6 +116,22 @@ def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_batch: bo
         node.output[:] = [renames.get(n, n) for n in node.output]
 
 
+def export_float(
+    model: torch.nn.Module, example_args: tuple, path, *, input_names=("input",), overwrite: bool = False
+) -> Path:
+    """The float model as ONNX with a dynamic batch axis, through the same exporter as the int8 model (the fp32
+    reference for accuracy and speed comparisons).  Written atomically."""
+    from eightbit.capture import _with_batch
+
+    example = _with_batch(tuple(example_args), 2)  # export specialises a batch of 1
+    model_proto = to_onnx_model(
+        model.eval(), example, input_names=list(input_names), dynamic_batch=True, opset=DEFAULT_OPSET
+    )
+    with atomic_path(path, overwrite) as tmp:
+        onnx.save(model_proto, tmp)
+    return Path(path)
+
+
 def check_parity(gm: fx.GraphModule, path, example_args: tuple) -> ParityReport:
     """Run the ONNX file in ONNX Runtime and compare with the simulated PyTorch model."""
     import onnxruntime as ort
