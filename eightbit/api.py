@@ -24,6 +24,7 @@ from eightbit.methods import lookup_method
 from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement, place
 from eightbit.transforms import fold_batchnorm, fuse_pad_into_conv
+from eightbit.transforms.attention import decompose_attention
 
 ENCODINGS_VERSION = 1
 
@@ -54,7 +55,7 @@ class QuantizedModel(nn.Module):
         self.weight_encodings = weights
         self.capture_method = captured.method
         self.capture_note = captured.note
-        self.dynamic_batch = captured.dynamic_batch
+        self.dynamic_axes = captured.dynamic_axes
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self._example_args = example_args
@@ -80,7 +81,7 @@ class QuantizedModel(nn.Module):
             path,
             self._example_args,
             input_names=self.input_names,
-            dynamic_batch=self.dynamic_batch,
+            dynamic_axes=self.dynamic_axes,
             opset=opset,
             overwrite=overwrite,
             check=check,
@@ -248,6 +249,7 @@ def _prepare(model: nn.Module, example_inputs, config: QuantConfig) -> _Prepared
     gm = captured.graph_module
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
+    decompose_attention(gm)
     return _Prepared(gm, captured, place(gm, config), config, args, input_names, folded)
 
 

@@ -44,8 +44,12 @@ def insert_observers(
             # Observers of inputs go after the last input so that every placeholder stays ahead of them.
             with gm.graph.inserting_after(last_input if node.op == "placeholder" else node):
                 call = gm.graph.call_module(target, (node,))
+            only = placement.consumers.get(name)  # None: every consumer reads the quantized value
             node.replace_all_uses_with(
-                call, delete_user_cb=lambda user, call=call: user is not call and not _is_guard(user)
+                call,
+                delete_user_cb=lambda user, call=call, only=only: (
+                    user is not call and not _is_guard(user) and (only is None or user.name in only)
+                ),
             )
     gm.recompile()
     return observers

@@ -27,14 +27,43 @@ class CaptureMethod(enum.Enum):
     MAKE_FX = "torch.fx (make_fx, static shapes)"
 
 
+# Per positional input: axis -> name of the dynamic dimension ("batch", "sequence"), or None for a static input.
+DynamicAxes = tuple
+
+
 @dataclass
 class Captured:
     """A captured graph and how it was obtained."""
 
     graph_module: fx.GraphModule
     method: CaptureMethod
-    dynamic_batch: bool
+    dynamic_axes: DynamicAxes
     note: str = ""
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return any(axes and 0 in axes for axes in self.dynamic_axes)
+
+
+def default_dynamic_axes(args: tuple, *, sequence: bool = True) -> DynamicAxes:
+    """Axis 0 of every tensor input is the batch; axis 1 of integer/bool rank-2 inputs (token ids, attention
+    masks) is the sequence."""
+
+    def axes(a):
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            return None
+        tokens = sequence and a.dim() == 2 and not a.is_floating_point()
+        return {0: "batch", 1: "sequence"} if tokens else {0: "batch"}
+
+    return tuple(axes(a) for a in args)
+
+
+def export_dynamic_shapes(axes: DynamicAxes):
+    """`torch.export` dynamic_shapes for `axes`: one shared batch Dim; the sequence length is left for export
+    to bound (e.g. at a model's maximum number of positions)."""
+    batch = torch.export.Dim("batch")
+    dims = {"batch": batch, "sequence": torch.export.Dim.AUTO}
+    return tuple(None if a is None else {i: dims[name] for i, name in a.items()} for a in axes)
 
 
 _DATA_DEPENDENT_MARKERS = (
@@ -56,57 +85,39 @@ def _with_batch(args: tuple, size: int) -> tuple:
     return tuple(grow(a) for a in args)
 
 
-def _batch_shapes(args: tuple, kwargs: dict, batch: torch.export.Dim) -> tuple:
-    spec_args = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
-    spec_kwargs = {k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for k, v in kwargs.items()}
-    return spec_args, spec_kwargs
+def capture(model: nn.Module, example_args: tuple) -> Captured:
+    """Capture `model` (never modified) as an ATen FX graph, called with positional `example_args`.
 
-
-def capture(model: nn.Module, example_args: tuple, example_kwargs: dict | None = None) -> Captured:
-    """Capture `model` (never modified) as an ATen FX graph with a dynamic batch axis where possible."""
+    Tries a dynamic batch and sequence axis (see `default_dynamic_axes`), then a dynamic batch only, then
+    static shapes, then make_fx."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    kwargs = dict(example_kwargs or {})
     model = copy.deepcopy(model).eval()
     errors = []
-    batch = torch.export.Dim("batch")
-    # A batch of 1 would be specialised by export, so the dynamic attempt uses a batch of 2; the static
+    # A batch of 1 would be specialised by export, so the dynamic attempts use a batch of 2; the static
     # fallback keeps the example's own batch size (a saved program may only accept that one).
-    grown_args = _with_batch(tuple(example_args), 2)
-    grown_kwargs = dict(zip(kwargs, _with_batch(tuple(kwargs.values()), 2), strict=True))
-    spec_args, spec_kwargs = _batch_shapes(grown_args, grown_kwargs, batch)
-    attempts = [
-        (grown_args, grown_kwargs, _merge_shapes(model, spec_args, spec_kwargs)),
-        (tuple(example_args), kwargs, None),
-    ]
-    for args_i, kwargs_i, shapes in attempts:
+    grown = _with_batch(tuple(example_args), 2)
+    attempts = [(grown, default_dynamic_axes(grown)), (grown, default_dynamic_axes(grown, sequence=False))]
+    attempts = [a for i, a in enumerate(attempts) if a not in attempts[:i]]
+    attempts.append((tuple(example_args), tuple(None for _ in example_args)))
+    for args_i, axes in attempts:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                program = torch.export.export(model, args_i, kwargs_i, dynamic_shapes=shapes)
-            dynamic = shapes is not None
-            note = "" if dynamic else f"batch axis captured static: {_first_line(errors[-1])}"
-            return Captured(program.module(), CaptureMethod.EXPORT, dynamic, note)
+                program = torch.export.export(model, args_i, dynamic_shapes=export_dynamic_shapes(axes))
+            note = "" if any(axes) else f"shapes captured static: {_first_line(errors[-1])}"
+            return Captured(program.module(), CaptureMethod.EXPORT, axes, note)
         except Exception as exc:  # torch.export raises many unrelated types
             _raise_if_data_dependent(exc)
             errors.append(exc)
-    return _capture_make_fx(model, tuple(example_args), kwargs, errors[-1])
+    return _capture_make_fx(model, tuple(example_args), errors[-1])
 
 
-def _merge_shapes(model: nn.Module, spec_args: tuple, spec_kwargs: dict):
-    if not spec_kwargs:
-        return spec_args
-    import inspect
-
-    names = list(inspect.signature(model.forward).parameters)
-    return {**dict(zip(names, spec_args, strict=False)), **spec_kwargs}
-
-
-def _capture_make_fx(model: nn.Module, args: tuple, kwargs: dict, export_error: Exception) -> Captured:
+def _capture_make_fx(model: nn.Module, args: tuple, export_error: Exception) -> Captured:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     try:
-        gm = make_fx(lambda *a: model(*a, **kwargs), pre_dispatch=True)(*args)
+        gm = make_fx(lambda *a: model(*a), pre_dispatch=True)(*args)
     except Exception as exc:
         _raise_if_data_dependent(exc)
         raise CaptureError(
@@ -116,7 +127,7 @@ def _capture_make_fx(model: nn.Module, args: tuple, kwargs: dict, export_error: 
         ) from exc
     note = f"torch.export failed ({_first_line(export_error)}); captured with make_fx, shapes are static"
     warnings.warn(f"eightbit: {note}", stacklevel=3)
-    return Captured(gm, CaptureMethod.MAKE_FX, False, note)
+    return Captured(gm, CaptureMethod.MAKE_FX, tuple(None for _ in args), note)
 
 
 def _raise_if_data_dependent(exc: Exception) -> None:

@@ -138,6 +138,8 @@ class QuantConfig:
         keep full precision and int8 Gemm/MatMul kernels accept float outputs).  Outputs of other ops are
         always quantized, since runtimes would otherwise run the op itself in float.
     bias_correction: fold the mean output shift caused by weight rounding into each layer's bias.
+    quantize_embeddings: store embedding tables (token, position) as int8 with one scale per row, weight-only:
+        4x smaller files at a negligible error (each looked-up row is dequantized, the lookup stays exact).
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     """
 
@@ -149,6 +151,7 @@ class QuantConfig:
     quantize_outputs: bool = False
     overflow_fix: OverflowFix = OverflowFix.AUTO
     bias_correction: bool = True
+    quantize_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, QuantSpec) or not isinstance(self.activations, QuantSpec):

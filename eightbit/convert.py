@@ -101,9 +101,11 @@ def _weight_encoding(w: torch.Tensor, spec: QuantSpec) -> Encoding:
     return encoding_from_range(lo, hi, spec, axis, lambda s, z: methods.weight_error(rows, s, z, spec))
 
 
-def _dequantized_constant(gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding) -> fx.Node:
+def _dequantized_constant(
+    gm: fx.GraphModule, user: fx.Node, name: str, q: torch.Tensor, enc: Encoding, axis: int | None = None
+) -> fx.Node:
     scale, zp = enc.tensors_()
-    axis = -1 if enc.axis is None else enc.axis
+    axis = axis if axis is not None else -1 if enc.axis is None else enc.axis
     nodes = [add_constant(gm, user, f"{name}_{kind}", t) for kind, t in (("q", q), ("scale", scale), ("zp", zp))]
     with gm.graph.inserting_before(user):
         return gm.graph.call_function(ops.DEQUANTIZE, (*nodes, axis))
@@ -146,16 +148,79 @@ def convert(
         scale, zp = enc.tensors_()
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)
         args = list(node.args)
-        args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
         shift = _bias_shift(node, rule, args, dq_of_call, w, q, enc) if config.bias_correction else None
+        weight_encodings[node.name] = enc
+        if _is_sequence_linear(node):
+            _linear_as_matmul(gm, node, q, enc, shift)
+            continue
+        args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
         _quantize_bias(gm, node, rule, args, dq_of_call, scale, shift)
         node.args = tuple(args)
-        weight_encodings[node.name] = enc
+    if config.quantize_embeddings:
+        quantize_embeddings(gm)
     gm.graph.eliminate_dead_code()
     _drop_unused_attributes(gm)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return weight_encodings
+
+
+def _is_sequence_linear(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return node.target is torch.ops.aten.linear.default and isinstance(val, torch.Tensor) and val.dim() > 2
+
+
+def _linear_as_matmul(gm: fx.GraphModule, node: fx.Node, q: torch.Tensor, enc: Encoding, shift) -> None:
+    """x @ DQ(q^T) + b for a linear layer on (batch, sequence, features) inputs.
+
+    Exported as is, linear becomes DQ -> Transpose -> MatMul, and the transpose between DQ and MatMul hides
+    the int8 weight from the runtimes' QDQ fusions.  Storing the codes transposed (channel axis 1, which is
+    what ONNX Runtime requires of per-channel MatMul weights) avoids it.  The bias stays float: ONNX Runtime
+    folds a float Add into MatMulIntegerToFloat, and OpenVINO into its int8 MatMul.
+    """
+    x = node.args[0]
+    bias = attr_value(gm, node.args[2]) if len(node.args) > 2 else None
+    weight = _dequantized_constant(
+        gm, node, f"{node.name}_weight", q.t().contiguous(), enc, axis=1 if enc.axis == 0 else None
+    )
+    with gm.graph.inserting_before(node):
+        out = gm.graph.call_function(torch.ops.aten.matmul.default, (x, weight))
+    if bias is not None:
+        bias = bias.detach().float() - (0 if shift is None else shift)
+        b_node = add_constant(gm, node, f"{node.name}_bias", bias)
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(torch.ops.aten.add.Tensor, (out, b_node))
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+
+
+def quantize_embeddings(gm: fx.GraphModule, bits: int = 8) -> int:
+    """Store embedding tables as int8 codes with one symmetric scale per row (weight-only).
+
+    embedding(W, ids) becomes embedding(q, ids) * embedding(scale, ids): only the looked-up rows are
+    dequantized, so the runtime never expands the whole table to float.  Returns the count.
+    """
+    count = 0
+    qmax = 2 ** (bits - 1) - 1
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.embedding.default]:
+        table = attr_value(gm, node.args[0])
+        if table is None or not table.is_floating_point():
+            continue
+        table = table.detach().float()
+        scale = (table.abs().amax(dim=1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round(table / scale), -qmax, qmax).to(torch.int8)
+        q_node = add_constant(gm, node, f"{node.name}_table_q", q)
+        s_node = add_constant(gm, node, f"{node.name}_table_scale", scale)
+        ids = node.args[1]
+        with gm.graph.inserting_before(node):
+            rows = gm.graph.call_function(torch.ops.aten.embedding.default, (q_node, ids))
+            rows = gm.graph.call_function(torch.ops.aten._to_copy.default, (rows,), {"dtype": torch.float32})
+            scales = gm.graph.call_function(torch.ops.aten.embedding.default, (s_node, ids))
+            out = gm.graph.call_function(torch.ops.aten.mul.Tensor, (rows, scales))
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
 
 
 def _simulated_weight(gm: fx.GraphModule, node: fx.Node, rule, w: torch.Tensor, spec: QuantSpec) -> Encoding:

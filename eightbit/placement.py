@@ -32,6 +32,9 @@ class OpRule:
     quantize_output: give the output (after fused activations) its own Q/DQ pair.
     float_output_ok: the runtimes have int8 kernels with a float output for this op (Gemm/MatMul), so a
         model output produced by it can stay float at no speed cost.
+    only_if_feeds_int8: quantize the op only when its output (through fused activations and data movement)
+        is an input of another int8 op.  An int8 add whose result goes to a float LayerNorm only adds a
+        quantize/dequantize round trip and error.
     """
 
     kind: OpKind
@@ -40,12 +43,17 @@ class OpRule:
     bias_arg: int | None = None
     quantize_output: bool = True
     float_output_ok: bool = False
+    only_if_feeds_int8: bool = False
 
 
 _CONV = OpRule(OpKind.CONV, (0,), weight_arg=1, bias_arg=2)
-_LINEAR = OpRule(OpKind.LINEAR, (0,), weight_arg=1, bias_arg=2, float_output_ok=True)
-_MATMUL = OpRule(OpKind.MATMUL, (0, 1), float_output_ok=True)
+# Linear and matmul outputs stay float: their consumers quantize what they need.  Runtimes run DQ -> MatMul
+# with a float output as one int8 kernel (ORT MatMulIntegerToFloat / QGemm, OpenVINO), and transformer
+# outputs mostly feed float ops (residual add, LayerNorm, GELU, softmax).
+_LINEAR = OpRule(OpKind.LINEAR, (0,), weight_arg=1, bias_arg=2, quantize_output=False, float_output_ok=True)
+_MATMUL = OpRule(OpKind.MATMUL, (0, 1), quantize_output=False, float_output_ok=True)
 _POOL = OpRule(OpKind.POOL, (0,))
+_ELEMENTWISE = {"only_if_feeds_int8": True}
 
 QUANTIZED_OPS: dict[object, OpRule] = {
     aten.conv1d.default: _CONV,
@@ -56,9 +64,9 @@ QUANTIZED_OPS: dict[object, OpRule] = {
     aten.matmul.default: _MATMUL,
     aten.bmm.default: _MATMUL,
     aten.mm.default: _MATMUL,
-    aten.add.Tensor: OpRule(OpKind.ADD, (0, 1)),
-    aten.add_.Tensor: OpRule(OpKind.ADD, (0, 1)),
-    aten.cat.default: OpRule(OpKind.CONCAT, (0,)),
+    aten.add.Tensor: OpRule(OpKind.ADD, (0, 1), **_ELEMENTWISE),
+    aten.add_.Tensor: OpRule(OpKind.ADD, (0, 1), **_ELEMENTWISE),
+    aten.cat.default: OpRule(OpKind.CONCAT, (0,), **_ELEMENTWISE),
     aten.avg_pool2d.default: _POOL,
     aten.adaptive_avg_pool2d.default: _POOL,
     aten.mean.dim: _POOL,
@@ -104,6 +112,9 @@ class Placement:
     groups: dict[str, list[str]] = field(default_factory=dict)  # group name -> tensor node names
     quantized_ops: dict[str, OpRule] = field(default_factory=dict)  # node name -> rule
     float_ops: dict[str, str] = field(default_factory=dict)  # node name -> reason
+    # Tensors quantized only for some consumers (the rest keep reading the float value): tensor -> consumers.
+    # Tensors produced by an int8 op are absent: every consumer reads their dequantized value.
+    consumers: dict[str, list[str]] = field(default_factory=dict)
 
     def group_of(self) -> dict[str, str]:
         return {t: g for g, members in self.groups.items() for t in members}
@@ -174,8 +185,39 @@ def _keep_float_reason(node: fx.Node, rule: OpRule, config: QuantConfig) -> str 
 def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
     """Decide which tensors get Q/DQ pairs (grouped by shared parameters) and which ops run in int8."""
     placement = Placement()
+    accepted = _int8_ops(gm, config, placement)
     groups = _Groups()
+    produced: set[fx.Node] = set()  # outputs of int8 ops: quantized for all their consumers
+    consumers: dict[fx.Node, list[str]] = {}
     outputs = _graph_outputs(gm)
+    for node, rule in accepted.items():
+        placement.quantized_ops[node.name] = rule
+        end = _fused_chain_end(node)
+        if end in outputs:  # model outputs stay float where an int8 kernel can produce float
+            quantize_output = config.quantize_outputs or not rule.float_output_ok
+        else:
+            quantize_output = rule.quantize_output
+        if quantize_output:
+            groups.add(end)
+            produced.add(end)
+    for node, rule in accepted.items():
+        for tensor in _activation_inputs(node, rule):
+            groups.add(tensor)
+            consumers.setdefault(tensor, []).append(node.name)
+    _share_through_data_movement(gm, groups, produced)
+    members: dict[fx.Node, list[str]] = {}
+    for node in gm.graph.nodes:  # graph order keeps group names deterministic
+        if node in groups.parent:
+            members.setdefault(groups.find(node), []).append(node.name)
+            if node not in produced:
+                placement.consumers[node.name] = consumers[node]
+    placement.groups = {f"act{i}": names for i, names in enumerate(members.values())}
+    return placement
+
+
+def _int8_ops(gm: fx.GraphModule, config: QuantConfig, placement: Placement) -> dict[fx.Node, OpRule]:
+    """The ops that run in int8, in graph order; records why the others stay float."""
+    candidates: dict[fx.Node, OpRule] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not _is_float_tensor(node):
             continue
@@ -185,37 +227,41 @@ def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
                 placement.float_ops[node.name] = f"no int8 rule for {node.target}"
             continue
         reason = _keep_float_reason(node, rule, config)
+        if reason is None and rule.weight_arg is None and not _activation_inputs(node, rule):
+            reason = "no activation input"
         if reason:
             placement.float_ops[node.name] = reason
             continue
-        inputs = _activation_inputs(node, rule)
-        if rule.weight_arg is None and not inputs:
-            placement.float_ops[node.name] = "no activation input"
-            continue
-        placement.quantized_ops[node.name] = rule
-        for tensor in inputs:
-            groups.add(tensor)
-        end = _fused_chain_end(node)
-        keep_float_output = end in outputs and rule.float_output_ok and not config.quantize_outputs
-        if rule.quantize_output and not keep_float_output:
-            groups.add(end)
-    _share_through_data_movement(gm, groups)
-    members: dict[fx.Node, list[str]] = {}
-    for node in gm.graph.nodes:  # graph order keeps group names deterministic
-        if node in groups.parent:
-            members.setdefault(groups.find(node), []).append(node.name)
-    placement.groups = {f"act{i}": names for i, names in enumerate(members.values())}
-    return placement
+        candidates[node] = rule
+    # Conditional ops are decided last to first, so an add feeding a later int8 add sees that decision.
+    for node in reversed(list(candidates)):
+        if candidates[node].only_if_feeds_int8 and not _feeds_int8(_fused_chain_end(node), candidates):
+            del candidates[node]
+            placement.float_ops[node.name] = "its output feeds no int8 op"
+    return candidates
 
 
-def _share_through_data_movement(gm: fx.GraphModule, groups: _Groups) -> None:
-    """A data-movement op whose input is quantized gets its output quantized with the same parameters."""
+def _feeds_int8(node: fx.Node, int8_ops: dict[fx.Node, OpRule]) -> bool:
+    for user in node.users:
+        rule = int8_ops.get(user)
+        if rule is not None and node in _activation_inputs(user, rule):
+            return True
+        passes = user.op == "call_function" and (user.target in SHARED_PARAMS_OPS or user.target in FUSED_ACTIVATIONS)
+        if passes and _feeds_int8(user, int8_ops):
+            return True
+    return False
+
+
+def _share_through_data_movement(gm: fx.GraphModule, groups: _Groups, produced: set[fx.Node]) -> None:
+    """A data-movement op whose input comes out of an int8 op gets its output quantized with the same
+    parameters (the runtime moves int8 data)."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in SHARED_PARAMS_OPS or not node.args:
             continue
         src = node.args[0]
-        if src in groups.parent and _is_float_tensor(node) and _passes_values_through(node):
+        if src in produced and _is_float_tensor(node) and _passes_values_through(node):
             groups.union(src, node)
+            produced.add(node)
 
 
 def _passes_values_through(node: fx.Node) -> bool:

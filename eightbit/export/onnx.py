@@ -56,7 +56,7 @@ def export_onnx(
     example_args: tuple,
     *,
     input_names: list[str],
-    dynamic_batch: bool,
+    dynamic_axes: tuple,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     check: bool = True,
@@ -65,7 +65,7 @@ def export_onnx(
     """Write `gm` to `path` as ONNX (atomically) and, if `check`, compare ONNX Runtime with PyTorch.
 
     float16: store weights and compute in float16 (inputs and outputs stay float32)."""
-    model = to_onnx_model(gm, example_args, input_names=input_names, dynamic_batch=dynamic_batch, opset=opset)
+    model = to_onnx_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset)
     if float16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -76,13 +76,14 @@ def export_onnx(
     return ExportReport(Path(path), Path(path).stat().st_size, parity)
 
 
-def to_onnx_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynamic_batch: bool, opset: int):
-    """The ONNX ModelProto of a converted graph."""
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in example_args)
+def to_onnx_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynamic_axes: tuple, opset: int):
+    """The ONNX ModelProto of a converted graph; `dynamic_axes` as in `eightbit.capture.DynamicAxes`."""
+    from eightbit.capture import export_dynamic_shapes
+
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.export.export(gm, tuple(example_args), dynamic_shapes=shapes if dynamic_batch else None)
+        shapes = export_dynamic_shapes(dynamic_axes) if any(dynamic_axes) else None
+        program = torch.export.export(gm, tuple(example_args), dynamic_shapes=shapes)
         onnx_program = torch.onnx.export(
             program,
             dynamo=True,
@@ -92,15 +93,21 @@ def to_onnx_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynam
             verbose=False,
         )
     model = onnx_program.model_proto
-    _rename_io(model, input_names, dynamic_batch)
+    _rename_io(model, input_names, dynamic_axes)
     for node in model.graph.node:  # exporter stack traces: ~5% of the file, useless at run time
         del node.metadata_props[:]
     model.producer_name = "eightbit"
     return model
 
 
-def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_batch: bool) -> None:
-    renames = {}
+def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_axes: tuple) -> None:
+    """Name inputs after forward()'s parameters, outputs output/output_i, and dynamic dims batch/sequence."""
+    renames, dim_names = {}, {}
+    for value, axes in zip(model.graph.input, dynamic_axes, strict=False):
+        for axis, name in (axes or {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if dim.dim_param:
+                dim_names[dim.dim_param] = name
     for value, name in zip(model.graph.input, input_names, strict=False):
         renames[value.name] = name
     outputs = model.graph.output
@@ -108,9 +115,9 @@ def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_batch: bo
         renames[value.name] = "output" if len(outputs) == 1 else f"output_{i}"
     for value in [*model.graph.input, *model.graph.output]:
         value.name = renames.get(value.name, value.name)
-        dims = value.type.tensor_type.shape.dim
-        if dynamic_batch and dims and dims[0].dim_param:
-            dims[0].dim_param = "batch"
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in dim_names:
+                dim.dim_param = dim_names[dim.dim_param]
     for node in model.graph.node:
         node.input[:] = [renames.get(n, n) for n in node.input]
         node.output[:] = [renames.get(n, n) for n in node.output]
@@ -121,11 +128,12 @@ def export_float(
 ) -> Path:
     """The float model as ONNX with a dynamic batch axis, through the same exporter as the int8 model (the fp32
     reference for accuracy and speed comparisons).  Written atomically."""
-    from eightbit.capture import _with_batch
+    from eightbit.capture import _with_batch, default_dynamic_axes
 
     example = _with_batch(tuple(example_args), 2)  # export specialises a batch of 1
+    axes = default_dynamic_axes(example)
     model_proto = to_onnx_model(
-        model.eval(), example, input_names=list(input_names), dynamic_batch=True, opset=DEFAULT_OPSET
+        model.eval(), example, input_names=list(input_names), dynamic_axes=axes, opset=DEFAULT_OPSET
     )
     with atomic_path(path, overwrite) as tmp:
         onnx.save(model_proto, tmp)
@@ -143,7 +151,7 @@ def check_parity(gm: fx.GraphModule, path, example_args: tuple) -> ParityReport:
     got = session.run(None, feeds)
     with torch.no_grad():
         want = gm(*example_args)
-    want = [w.numpy() for w in (want if isinstance(want, (tuple, list)) else [want])]
+    want = [w.numpy() for w in torch.utils._pytree.tree_leaves(want) if isinstance(w, torch.Tensor)]
     worst, worst_steps, off = 0.0, 0.0, 0.0
     for g, w in zip(got, want, strict=True):
         diff = np.abs(g.astype(np.float64) - w)
