@@ -113,6 +113,22 @@ def _feeds(calib: Sequence[Calib], names: list[str]) -> list[dict[str, np.ndarra
     return feeds
 
 
+@contextlib.contextmanager
+def _scratch_cwd() -> Iterator[None]:
+    """Run in a temporary working directory: a failed symbolic shape inference leaves its temporary model
+    (sym_shape_infer_temp.onnx and a <uuid>.data file) in the current directory."""
+    import os
+    import tempfile
+
+    old = Path.cwd()
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+
 def _ort_static(fp32: Path, calib: Sequence[Calib], out: Path, activation_u8: bool) -> _Output:
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -134,17 +150,18 @@ def _ort_static(fp32: Path, calib: Sequence[Calib], out: Path, activation_u8: bo
 
     # ORT's documented recipe: shape inference + graph optimization (folds BatchNorm into Conv, so the
     # quantizer sees Conv -> Relu rather than Conv -> BatchNormalization it would leave in float).
-    pre = out.with_name(out.stem + ".pre.onnx")
+    src, pre = fp32.resolve(), out.with_name(out.stem + ".pre.onnx").resolve()  # absolute: the cwd changes
     notes = []
-    try:
-        quant_pre_process(str(fp32), str(pre))
-    except Exception as e:
-        # Symbolic shape inference gives up on some transformer graphs (e.g. the dynamo export of BertModel:
-        # "unsupported broadcast between Min(512, sequence) sequence"); ORT's own remedy is auto_merge, which
-        # merges the conflicting symbolic dims.
-        notes.append(f"quant_pre_process needed auto_merge=True ({type(e).__name__}: {e})")
-        log.info("%s: %s", fp32, notes[-1])
-        quant_pre_process(str(fp32), str(pre), auto_merge=True)
+    with _scratch_cwd():
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception as e:
+            # Symbolic shape inference gives up on some transformer graphs (e.g. the dynamo export of BertModel:
+            # "unsupported broadcast between Min(512, sequence) sequence"); ORT's own remedy is auto_merge, which
+            # merges the conflicting symbolic dims.
+            notes.append(f"quant_pre_process needed auto_merge=True ({type(e).__name__}: {e})")
+            log.info("%s: %s", fp32, notes[-1])
+            quant_pre_process(str(src), str(pre), auto_merge=True)
     act = QuantType.QUInt8 if activation_u8 else QuantType.QInt8
     try:
         quantize_static(
