@@ -25,6 +25,7 @@ from eightbit.observers import Observer, Statistic
 from eightbit.placement import Placement, place
 from eightbit.transforms import fold_batchnorm, fuse_pad_into_conv
 from eightbit.transforms.attention import decompose_attention
+from eightbit.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
 
 ENCODINGS_VERSION = 1
 
@@ -46,6 +47,7 @@ class QuantizedModel(nn.Module):
         example_args: tuple,
         input_names: list[str],
         folded_batchnorms: int,
+        smooth_alpha: float | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -58,6 +60,7 @@ class QuantizedModel(nn.Module):
         self.dynamic_axes = captured.dynamic_axes
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
+        self.smooth_alpha = smooth_alpha
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -109,7 +112,8 @@ class QuantizedModel(nn.Module):
             f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
             + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
-            f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}",
+            f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}"
+            + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
             "",
         ]
@@ -212,6 +216,7 @@ class _Prepared:
     args: tuple
     input_names: list[str]
     folded: int
+    smooth_alpha: float | None = None
 
     def finish(self, act: dict[str, Encoding], config: QuantConfig) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
@@ -227,6 +232,7 @@ class _Prepared:
             example_args=example,
             input_names=self.input_names,
             folded_batchnorms=self.folded,
+            smooth_alpha=self.smooth_alpha,
         )
 
 
@@ -237,6 +243,7 @@ def _placement_key(config: QuantConfig) -> tuple:
         config.keep_float_ops,
         config.fold_batchnorm,
         config.quantize_outputs,
+        config.smooth_quant,
         a.granularity,
         a.channel_axis,
     )
@@ -267,22 +274,71 @@ def calibrate(
     method and every method in `methods` need.  With `cache`, statistics are loaded from that file when it
     exists (no model run) and saved there otherwise."""
     config = config or QuantConfig()
+    if config.smooth_quant is not None and iter(calibration_data) is calibration_data:
+        raise ValueError(
+            "SmoothQuant reads calibration_data twice (channel ranges first, then calibration); pass a list or "
+            "a DataLoader, not a one-shot iterator or generator"
+        )
     if example_inputs is None:
         example_inputs, calibration_data = _peek(calibration_data)
     prepared = _prepare(model, example_inputs, config)
+    if config.smooth_quant is not None:
+        _smooth(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
     needs = frozenset().union(*(lookup_method(m).needs for m in (config.activations.method, *methods)))
     observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
     calibration = Calibration(prepared, observers, needs)
     if cache is not None and Path(cache).exists():
         calibration._load_stats(Path(cache))
         return calibration
-    batches = _positional_batches(model, calibration_data)
-    if not prepared.captured.dynamic_batch:  # the graph accepts only the example's batch size
-        batches = _rebatch(batches, _batch_size(prepared.args))
-    run_calibration(prepared.gm, batches, progress=progress)
+    run_calibration(prepared.gm, _calibration_batches(model, calibration_data, prepared), progress=progress)
     if cache is not None:
         calibration.save(cache)
     return calibration
+
+
+def _calibration_batches(model: nn.Module, data: Iterable, prepared: _Prepared):
+    batches = _positional_batches(model, data)
+    if not prepared.captured.dynamic_batch:  # the graph accepts only the example's batch size
+        batches = _rebatch(batches, _batch_size(prepared.args))
+    return batches
+
+
+def _smooth(prepared: _Prepared, batches, config: QuantConfig) -> None:
+    """Apply SmoothQuant to the prepared graph (one extra pass over the data; one short trial per alpha when
+    several are given) and redo the placement for the rescaled graph."""
+    targets = smoothing_targets(prepared.gm, prepared.placement)
+    absmax = record_channel_absmax(
+        prepared.gm, list(targets), lambda gm: run_calibration(gm, batches(), progress=False)
+    )
+    alphas = config.smooth_quant.alphas
+    alpha = (
+        alphas[0]
+        if len(alphas) == 1
+        else min(alphas, key=lambda a: _trial_error(prepared, targets, absmax, a, batches, config))
+    )
+    apply_smoothing(prepared.gm, targets, absmax, alpha)
+    prepared.placement = place(prepared.gm, config)
+    prepared.smooth_alpha = alpha
+
+
+def _trial_error(prepared: _Prepared, targets, absmax, alpha: float, batches, config: QuantConfig) -> float:
+    """Relative squared output error of a quick smoothed + quantized trial on the first few batches."""
+    subset = list(itertools.islice(batches(), config.smooth_quant.search_batches))
+    trial = copy.deepcopy(prepared)
+    apply_smoothing(trial.gm, targets, absmax, alpha)
+    trial.placement = place(trial.gm, config)
+    observers = insert_observers(trial.gm, trial.placement, config.activations)
+    run_calibration(trial.gm, subset, progress=False)
+    quantized = trial.finish(activation_encodings(observers, trial.placement, config.activations), config)
+    error = reference = 0.0
+    with torch.no_grad():
+        for args in subset:
+            want = torch.utils._pytree.tree_leaves(prepared.gm(*args))
+            got = torch.utils._pytree.tree_leaves(quantized(*args))
+            for w, g in zip(want, got, strict=True):
+                error += float((g.float() - w.float()).pow(2).sum())
+                reference += float(w.float().pow(2).sum())
+    return error / max(reference, 1e-30)
 
 
 def quantize(
@@ -308,6 +364,8 @@ def quantize(
         return calibrate(model, calibration_data, example_inputs, config=config, progress=progress).quantize()
     if example_inputs is None:
         raise ValueError("example_inputs is required when quantizing from saved encodings")
+    if config.smooth_quant is not None:
+        raise ValueError("saved encodings cannot be reused with smooth_quant (the smoothing needs calibration data)")
     prepared = _prepare(model, example_inputs, config)
     insert_observers(prepared.gm, prepared.placement, config.activations)
     return prepared.finish(_load_activation_encodings(encodings, prepared.placement), config)

@@ -130,6 +130,7 @@ def convert(
             dq_of_call[_insert_qdq(gm, call, group, act_encodings[group])] = act_encodings[group]
     pad_in_integer_domain(gm)
     drop_clamps_implied_by_quantize(gm)
+    fold_scalar_mul_into_dequantize(gm)
     weight_encodings = {}
     for node in list(gm.graph.nodes):
         rule = placement.quantized_ops.get(node.name)
@@ -364,3 +365,29 @@ def drop_clamps_implied_by_quantize(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             dropped += 1
     return dropped
+
+
+def fold_scalar_mul_into_dequantize(gm: fx.GraphModule) -> int:
+    """Rewrite matmul(DQ(a, s), b) * c into matmul(DQ(a, s * c), b) for a constant scalar c.
+
+    Attention multiplies Q @ K^T by 1/sqrt(head_dim): a float pass over the (batch, heads, seq, seq) scores.
+    Folded into the dequantize scale of Q it costs nothing (the int8 matmul applies the scales anyway), and
+    the result is the same up to float rounding.  Returns the count.
+    """
+    folded = 0
+    for mul in [n for n in gm.graph.nodes if _is_op(n, torch.ops.aten.mul.Tensor)]:
+        mm, c = mul.args
+        if not (_is_op(mm, torch.ops.aten.matmul.default) and isinstance(c, (int, float)) and len(mm.users) == 1):
+            continue
+        dq = mm.args[0]
+        if not _is_op(dq, ops.DEQUANTIZE) or len(dq.users) != 1:
+            continue
+        scale = attr_value(gm, dq.args[1])
+        if scale is None:
+            continue
+        new_scale = add_constant(gm, dq, f"{dq.name}_scale_folded", scale * float(c))
+        dq.args = (dq.args[0], new_scale, *dq.args[2:])
+        mul.replace_all_uses_with(mm)
+        gm.graph.erase_node(mul)
+        folded += 1
+    return folded

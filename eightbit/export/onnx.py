@@ -22,7 +22,7 @@ from torch import fx
 from eightbit import ops
 from eightbit.fileio import atomic_path
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20
 
 # The exporter logs a warning per missing torchvision op on every export; eightbit never uses torchvision.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
