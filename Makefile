@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo demo-text test test-fast lint bench bench-text clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python -m eightbit.demo
 
+demo-text: setup
+	$(BIN)/python -m eightbit.demo_text
+
 test: setup
 	$(BIN)/ruff check eightbit tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -37,6 +40,10 @@ lint: setup
 bench: setup
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python bench/run_ptq.py
+
+bench-text: setup
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python bench/run_text.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

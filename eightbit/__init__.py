@@ -3,7 +3,15 @@
 from eightbit import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
 from eightbit.capture import CaptureError
-from eightbit.config import Granularity, OpKind, QuantConfig, QuantSpec, int8_weights, uint8_activations
+from eightbit.config import (
+    Granularity,
+    OpKind,
+    QuantConfig,
+    QuantSpec,
+    SmoothQuant,
+    int8_weights,
+    uint8_activations,
+)
 
 __all__ = [
     "Calibration",
@@ -14,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",
+    "SmoothQuant",
     "int8_weights",
     "quantize",
     "uint8_activations",
