@@ -128,3 +128,28 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     return float((a * b).sum(1).min())
+
+
+def _relative(name: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=120, num_attention_heads=2, max_position_embeddings=80)
+    if name == "roberta":
+        config = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, **common)
+        return transformers.RobertaModel(config, add_pooling_layer=False)
+    config = transformers.DistilBertConfig(n_layers=2, dim=32, hidden_dim=64, n_heads=2, vocab_size=120)
+    return transformers.DistilBertModel(config)
+
+
+@pytest.mark.parametrize("name", ["roberta", "distilbert"])
+def test_bert_relatives_quantize_and_export(name, tmp_path):
+    model = SentenceEncoder(_relative(name).eval()).eval()
+    calibration = [{k: v.clamp(min=1) for k, v in b.items()} for b in _calibration()]  # RoBERTa pads with id 1
+    qm = quantize(model, calibration, config=CONFIG, progress=False)
+    kinds = Counter(rule.kind for rule in qm.placement.quantized_ops.values())
+    assert kinds == {OpKind.LINEAR: 12, OpKind.MATMUL: 4}
+    report = qm.export_onnx(tmp_path / f"{name}.onnx")
+    assert report.parity.max_steps < 8
+    feeds = _batch([4, 13], seed=11)
+    got = load(tmp_path / f"{name}.onnx", Backend.ORT).run({k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        assert _min_cosine(got, model(**feeds).numpy()) > 0.98
