@@ -21,8 +21,9 @@ from eightbit.convert import Encoding, activation_encodings, convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
 from eightbit.methods import lookup_method
-from eightbit.observers import Observer, Statistic
+from eightbit.observers import InputSamples, Observer, Statistic
 from eightbit.placement import Placement, place
+from eightbit.refine import output_aware_ranges
 from eightbit.transforms import fold_batchnorm, fuse_pad_into_conv
 from eightbit.transforms.attention import decompose_attention
 from eightbit.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
@@ -142,15 +143,23 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, lis
 class Calibration:
     """The statistics of one calibration pass over a captured model.
 
-    `quantize(config)` turns them into a `QuantizedModel` for any activation method whose statistics were
-    collected (see `calibrate(..., methods=...)`), without running the model again.  `save`/`load` keep them
-    on disk, so another method can be tried in a later session.
+    `quantize(config)` turns them into a `QuantizedModel` for any method whose statistics were collected (see
+    `calibrate(..., methods=...)`), without another pass over the data: output-aware methods (`eq`,
+    `cross_entropy`) only replay the few input samples kept.  `save`/`load` keep them on disk (samples
+    included), so another method can be tried in a later session.
     """
 
-    def __init__(self, prepared: _Prepared, observers: dict[str, Observer], collected: frozenset[Statistic]):
+    def __init__(
+        self,
+        prepared: _Prepared,
+        observers: dict[str, Observer],
+        collected: frozenset[Statistic],
+        samples: InputSamples | None = None,
+    ):
         self._prepared = prepared
         self._observers = observers
         self.collected = collected
+        self.samples = samples
 
     @property
     def config(self) -> QuantConfig:
@@ -165,18 +174,36 @@ class Calibration:
                 "keep_float_ops, fold_batchnorm, quantize_outputs, activation granularity); "
                 "run eightbit.calibrate again with this config"
             )
-        needs = lookup_method(config.activations.method).needs
-        if not needs <= self.collected:
-            missing = sorted(s.value for s in needs - self.collected)
-            raise ValueError(
-                f"method {config.activations.method!r} needs statistics {missing} that this "
-                f"calibration did not collect; pass methods=[{config.activations.method!r}] to "
-                "eightbit.calibrate"
-            )
+        for name in dict.fromkeys((config.activations.method, config.weights.method)):
+            missing = sorted(s.value for s in lookup_method(name).needs - self.collected)
+            if missing:
+                raise ValueError(
+                    f"method {name!r} needs statistics {missing} that this calibration did not collect; pass "
+                    f"methods=[{name!r}] to eightbit.calibrate (with a new cache file, if one is used)"
+                )
         prepared = copy.deepcopy(self._prepared)  # convert rewrites the graph in place
         observers = {g: prepared.gm.get_submodule(OBSERVER_PREFIX + g) for g in self._observers}
         act = activation_encodings(observers, prepared.placement, config.activations)
-        return prepared.finish(act, config)
+        weight_ranges = None
+        if lookup_method(config.activations.method).output_aware or lookup_method(config.weights.method).output_aware:
+            act_ranges, weight_ranges = output_aware_ranges(
+                prepared.gm,
+                prepared.placement,
+                observers,
+                act,
+                self._sample_batches(),
+                config,
+                overflow_fix=overflow_fix_active(config, hw.saturation_risk()),
+            )
+            act = activation_encodings(observers, prepared.placement, config.activations, act_ranges)
+        return prepared.finish(act, config, weight_ranges)
+
+    def _sample_batches(self) -> list[tuple]:
+        """The kept input samples as batches the captured graph accepts."""
+        batches = [] if self.samples is None else self.samples.batches
+        if batches and not self._prepared.captured.dynamic_batch:
+            return list(_rebatch(iter(batches), _batch_size(self._prepared.args)))
+        return list(batches)
 
     def save(self, path, *, overwrite: bool = False) -> None:
         """Save the statistics (atomically) for `calibrate(..., cache=path)` to reuse."""
@@ -185,6 +212,7 @@ class Calibration:
             "groups": self._prepared.placement.groups,
             "collected": sorted(s.value for s in self.collected),
             "stats": {g: {s.value: dict(vars(c)) for s, c in o.stats.items()} for g, o in self._observers.items()},
+            "samples": None if self.samples is None else [list(b) for b in self.samples.batches],
         }
         with atomic_path(path, overwrite) as tmp:
             torch.save(payload, tmp)
@@ -203,6 +231,10 @@ class Calibration:
                 if statistic in observer.stats:
                     vars(observer.stats[statistic]).update(state)
         self.collected = frozenset(Statistic(v) for v in payload["collected"])
+        if payload.get("samples") is not None:
+            self.samples = InputSamples(max(1, sum(_batch_size(tuple(b)) for b in payload["samples"])))
+            for batch in payload["samples"]:
+                self.samples.update(tuple(batch))
 
 
 @dataclass
@@ -218,9 +250,11 @@ class _Prepared:
     folded: int
     smooth_alpha: float | None = None
 
-    def finish(self, act: dict[str, Encoding], config: QuantConfig) -> QuantizedModel:
+    def finish(
+        self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None
+    ) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
-        weights = convert(self.gm, self.placement, act, config, overflow_fix=fix)
+        weights = convert(self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges)
         example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
         return QuantizedModel(
             self.gm,
@@ -269,10 +303,12 @@ def calibrate(
     methods: Iterable[str] = (),
     cache: str | Path | None = None,
     progress: bool = True,
+    input_samples: int = 32,
 ) -> Calibration:
     """Capture `model` and collect, in one streaming pass, the statistics that the config's activation
-    method and every method in `methods` need.  With `cache`, statistics are loaded from that file when it
-    exists (no model run) and saved there otherwise."""
+    and weight methods and every method in `methods` need (output-aware methods also keep the first
+    `input_samples` model inputs).  With `cache`, statistics are loaded from that file when it exists (no model
+    run) and saved there otherwise."""
     config = config or QuantConfig()
     if config.smooth_quant is not None and iter(calibration_data) is calibration_data:
         raise ValueError(
@@ -284,13 +320,16 @@ def calibrate(
     prepared = _prepare(model, example_inputs, config)
     if config.smooth_quant is not None:
         _smooth(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
-    needs = frozenset().union(*(lookup_method(m).needs for m in (config.activations.method, *methods)))
+    names = (config.activations.method, config.weights.method, *methods)
+    needs = frozenset().union(*(lookup_method(m).needs for m in names))
     observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
-    calibration = Calibration(prepared, observers, needs)
+    samples = InputSamples(input_samples) if Statistic.INPUT_SAMPLES in needs else None
+    calibration = Calibration(prepared, observers, needs, samples)
     if cache is not None and Path(cache).exists():
         calibration._load_stats(Path(cache))
         return calibration
-    run_calibration(prepared.gm, _calibration_batches(model, calibration_data, prepared), progress=progress)
+    batches = _calibration_batches(model, calibration_data, prepared)
+    run_calibration(prepared.gm, batches, progress=progress, samples=samples)
     if cache is not None:
         calibration.save(cache)
     return calibration
@@ -368,7 +407,10 @@ def quantize(
         raise ValueError("saved encodings cannot be reused with smooth_quant (the smoothing needs calibration data)")
     prepared = _prepare(model, example_inputs, config)
     insert_observers(prepared.gm, prepared.placement, config.activations)
-    return prepared.finish(_load_activation_encodings(encodings, prepared.placement), config)
+    source = _read_encodings(encodings)
+    # Searched weight scales cannot be recomputed without data: reuse the saved ones.
+    weight_ranges = _saved_weight_ranges(source) if lookup_method(config.weights.method).output_aware else None
+    return prepared.finish(_load_activation_encodings(source, prepared.placement), config, weight_ranges)
 
 
 def _peek(data: Iterable):
@@ -412,15 +454,29 @@ def _rebatch(batches, size: int):
         yield tuple(m[idx] if isinstance(m, torch.Tensor) else m for m in rest)
 
 
-def _load_activation_encodings(source, placement: Placement) -> dict[str, Encoding]:
-    if not isinstance(source, dict):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"encodings file {path} does not exist")
-        try:
-            source = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not a valid eightbit encodings file (JSON): {exc}") from None
+def _read_encodings(source) -> dict:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"encodings file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a valid eightbit encodings file (JSON): {exc}") from None
+
+
+def _saved_weight_ranges(source: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> saved weight range (per channel, or 0-d for per-tensor weights)."""
+    found = {}
+    for name, enc in source.get("weights", {}).items():
+        if enc.get("range"):
+            lo, hi = (torch.tensor(v, dtype=torch.float32) for v in enc["range"])
+            found[name] = (lo, hi) if enc.get("axis") is not None else (lo.reshape(()), hi.reshape(()))
+    return found
+
+
+def _load_activation_encodings(source: dict, placement: Placement) -> dict[str, Encoding]:
     if source.get("version") != ENCODINGS_VERSION or "activations" not in source:
         raise ValueError(f"unsupported encodings (version {source.get('version')}); re-run calibration")
     saved = source["activations"]

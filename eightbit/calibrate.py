@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from eightbit.config import QuantSpec
 from eightbit.methods import lookup_method
-from eightbit.observers import Observer, Statistic
+from eightbit.observers import InputSamples, Observer, Statistic
 from eightbit.placement import Placement
 
 OBSERVER_PREFIX = "eightbit_observer_"
@@ -81,10 +81,13 @@ def _check_finite(args: tuple, kwargs: dict, index: int) -> None:
             )
 
 
-def run_calibration(gm: fx.GraphModule, data: Iterable, *, progress: bool = True) -> int:
+def run_calibration(
+    gm: fx.GraphModule, data: Iterable, *, progress: bool = True, samples: InputSamples | None = None
+) -> int:
     """Run every calibration batch through the observed graph once; returns the number of batches.
 
-    Memory stays flat: observers keep statistics, never activations.
+    Memory stays flat: observers keep statistics, never activations; `samples`, when given, keeps the first
+    few model inputs (a bounded number) for output-aware methods.
     """
     total = len(data) if hasattr(data, "__len__") else None
     batches = 0
@@ -93,6 +96,8 @@ def run_calibration(gm: fx.GraphModule, data: Iterable, *, progress: bool = True
             args, kwargs = as_model_inputs(batch)
             _check_finite(args, kwargs, batches - 1)
             gm(*args, **kwargs)
+            if samples is not None and not kwargs:
+                samples.update(args)
     if batches == 0:
         raise ValueError(
             "calibration_data yielded no batches; pass an iterable or DataLoader of representative model inputs "

@@ -141,8 +141,11 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program")
     p.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")
-    p.add_argument("--method", default="minmax", help=f"activation calibration method {sorted(METHODS)}")
-    p.add_argument("--weight-method", default="minmax", help="weight method (minmax, percentile, mse, admm)")
+    act_methods = sorted(n for n, m in METHODS.items() if m.activation_range)
+    weight_methods = sorted(n for n, m in METHODS.items() if m.weight_range)
+    # Not argparse choices: QuantConfig's own error says which role a misplaced method is for.
+    p.add_argument("--method", default="minmax", help=f"activation calibration method {act_methods}")
+    p.add_argument("--weight-method", default="minmax", help=f"weight calibration method {weight_methods}")
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--pow2", action="store_true", help="power-of-two scales (shift-only NPUs)")
     p.add_argument("--per-tensor-weights", action="store_true")
@@ -169,8 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="quantize with each calibration method and compare accuracy against fp32")
     _model_and_data_args(c)
     c.add_argument("--eval", required=True, help="folder of evaluation inputs (same formats as --calib)")
-    c.add_argument("--methods", nargs="+", default=["minmax", "ema", "percentile", "mse", "kl"])
-    c.add_argument("--weight-methods", nargs="+", default=["minmax"])
+    c.add_argument(
+        "--methods",
+        nargs="+",
+        default=["minmax", "ema", "percentile", "mse", "kl"],
+        help="activation methods to compare (eq and cross_entropy search on sample inputs: slower)",
+    )
+    c.add_argument("--weight-methods", nargs="+", default=["minmax"], help="weight methods (eq: EasyQuant scales)")
     c.set_defaults(func=_cmd_compare)
     b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
     b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")

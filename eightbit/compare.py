@@ -44,32 +44,45 @@ def compare_methods(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     weight_methods: Sequence[str] = ("minmax",),
+    extra_pairs: Sequence[tuple[str, str]] = (),
     config: QuantConfig | None = None,
     example_inputs=None,
     progress: bool = True,
+    input_samples: int = 32,
 ) -> tuple[float, list[MethodResult]]:
-    """Quantize `model` with every activation x weight method pair and measure each against the float model
-    on `eval_inputs`.  Returns (seconds of the one shared calibration pass, results)."""
+    """Quantize `model` with every activation x weight method pair, then each (activation, weight) pair in
+    `extra_pairs`, and measure each against the float model on `eval_inputs`.  Returns (seconds of the one
+    shared calibration pass, results).  Output-aware methods (eq, cross_entropy) search on the first
+    `input_samples` calibration samples; their search counts in their convert time."""
     config = config or QuantConfig()
+    pairs = [(m, w) for w in weight_methods for m in methods] + [tuple(p) for p in extra_pairs]
+    every = [name for pair in pairs for name in pair]
     start = time.perf_counter()
-    calibration = calibrate(model, calibration_data, example_inputs, config=config, methods=methods, progress=progress)
+    calibration = calibrate(
+        model,
+        calibration_data,
+        example_inputs,
+        config=config,
+        methods=every,
+        progress=progress,
+        input_samples=input_samples,
+    )
     pass_seconds = time.perf_counter() - start
     with torch.no_grad():
         reference = model.eval()(eval_inputs)
     results = []
-    for weight_method in weight_methods:
-        for method in methods:
-            variant = replace(
-                config,
-                activations=replace(config.activations, method=method),
-                weights=replace(config.weights, method=weight_method),
-            )
-            start = time.perf_counter()
-            qm = calibration.quantize(variant)
-            seconds = time.perf_counter() - start
-            with torch.no_grad():
-                metrics = output_metrics(reference, qm(eval_inputs))
-            results.append(MethodResult(method, weight_method, seconds, *metrics))
+    for method, weight_method in pairs:
+        variant = replace(
+            config,
+            activations=replace(config.activations, method=method),
+            weights=replace(config.weights, method=weight_method),
+        )
+        start = time.perf_counter()
+        qm = calibration.quantize(variant)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            metrics = output_metrics(reference, qm(eval_inputs))
+        results.append(MethodResult(method, weight_method, seconds, *metrics))
     return pass_seconds, results
 
 

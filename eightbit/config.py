@@ -203,8 +203,24 @@ class QuantConfig:
                 f"method {self.activations.method!r} is for weights only; activations take "
                 f"{sorted(n for n, m in METHODS.items() if m.activation_range)}"
             )
-        if self.activations.per_channel and lookup_method(self.activations.method).needs_histogram:
+        act_method, weight_method = lookup_method(self.activations.method), lookup_method(self.weights.method)
+        if self.activations.per_channel and (act_method.needs_histogram or act_method.output_aware):
             raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
+        if act_method.output_aware or weight_method.output_aware:
+            self._check_output_aware()
+
+    def _check_output_aware(self) -> None:
+        # The searches pick scales directly: power-of-two rounding or a non-integer format afterwards would
+        # change what they measured.
+        names = f"{self.activations.method!r}/{self.weights.method!r}"
+        if self.weights.scheme is not Scheme.UNIFORM or self.activations.scheme is not Scheme.UNIFORM:
+            raise ValueError(f"output-aware calibration ({names}) needs the uniform (integer) scheme")
+        if self.activations.per_channel:
+            raise ValueError(f"output-aware calibration ({names}) supports per-tensor activations only")
+        if self.weights.power_of_two or self.activations.power_of_two:
+            raise ValueError(f"output-aware calibration ({names}) cannot be combined with power_of_two scales")
+        if lookup_method(self.weights.method).output_aware and self.weights.channel_axis not in (None, 0):
+            raise ValueError("eq weights are searched per output channel: leave the weight channel_axis at 0")
 
 
 def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:

@@ -54,13 +54,22 @@ def encoding_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, axi
     )
 
 
-def activation_encodings(observers: dict[str, Observer], placement: Placement, spec: QuantSpec) -> dict[str, Encoding]:
-    """Turn calibrated observers into encodings (pure given the observers' statistics)."""
+def activation_encodings(
+    observers: dict[str, Observer], placement: Placement, spec: QuantSpec, ranges: dict | None = None
+) -> dict[str, Encoding]:
+    """Turn calibrated observers into encodings (pure given the observers' statistics).
+
+    ranges: group -> (lo, hi) chosen by an output-aware search (`eightbit.refine`), used instead of the method's
+        range for those groups."""
     out = {}
+    ranges = ranges or {}
     for group, observer in observers.items():
         if not observer.observed():
             raise RuntimeError(f"{observer.label} was never reached during calibration")
-        lo, hi = methods.lookup_method(spec.method).activation_range(observer.stats, spec)
+        if group in ranges:
+            lo, hi = ranges[group]
+        else:
+            lo, hi = methods.lookup_method(spec.method).activation_range(observer.stats, spec)
         hist = observer.stats.get(Statistic.HISTOGRAM)
         error = None if hist is None else (lambda s, z, h=hist: methods.histogram_error(h, s, z, spec))
         enc = encoding_from_range(torch.as_tensor(lo), torch.as_tensor(hi), spec, activation_axis(spec), error)
@@ -91,12 +100,26 @@ def _insert_qdq(gm: fx.GraphModule, call: fx.Node, group: str, enc: Encoding) ->
     return dq
 
 
-def _weight_encoding(w: torch.Tensor, spec: QuantSpec) -> Encoding:
-    axis = (spec.channel_axis or 0) if spec.per_channel else None
+def layer_weight_spec(w: torch.Tensor, spec: QuantSpec, overflow_fix: bool) -> QuantSpec:
+    """The spec convert uses for one layer's weight: 7-bit codes for GEMM-backed layers under the overflow fix
+    (depthwise convolutions keep 8 bits)."""
+    depthwise = w.dim() > 2 and w.shape[1] == 1
+    return seven_bit(spec) if overflow_fix and not depthwise else spec
+
+
+def weight_axis(spec: QuantSpec) -> int | None:
+    """The weight's channel axis (None for per-tensor weights)."""
+    return (spec.channel_axis or 0) if spec.per_channel else None
+
+
+def _weight_encoding(w: torch.Tensor, spec: QuantSpec, weight_range=None) -> Encoding:
+    axis = weight_axis(spec)
     w = w.detach().float()
     if not torch.isfinite(w).all():
         raise ValueError("the model has NaN or Inf weights; they cannot be quantized")
-    lo, hi = methods.lookup_method(spec.method).weight_range(w, spec, axis)
+    if weight_range is None:
+        weight_range = methods.lookup_method(spec.method).weight_range(w, spec, axis)
+    lo, hi = weight_range
     rows = methods._per_channel(w, axis)
     return encoding_from_range(lo, hi, spec, axis, lambda s, z: methods.weight_error(rows, s, z, spec))
 
@@ -118,11 +141,15 @@ def convert(
     config: QuantConfig,
     *,
     overflow_fix: bool = False,
+    weight_ranges: dict | None = None,
 ) -> dict[str, Encoding]:
     """Rewrite the observed graph in place into the quantized graph; returns the weight encodings.
 
     With `overflow_fix`, weights of GEMM-backed layers (all but depthwise convolutions) use 7-bit codes.
+    weight_ranges: layer node name -> (lo, hi) per channel chosen by an output-aware search (`eightbit.refine`),
+        used instead of the weight method's range; biases are quantized with the resulting scales.
     """
+    weight_ranges = weight_ranges or {}
     dq_of_call: dict[fx.Node, Encoding] = {}
     for call in list(gm.graph.nodes):
         if call.op == "call_module" and str(call.target).startswith(OBSERVER_PREFIX):
@@ -142,9 +169,8 @@ def convert(
         if config.weights.scheme is not Scheme.UNIFORM:
             weight_encodings[node.name] = _simulated_weight(gm, node, rule, w, config.weights)
             continue
-        depthwise = w.dim() > 2 and w.shape[1] == 1
-        spec = seven_bit(config.weights) if overflow_fix and not depthwise else config.weights
-        enc = _weight_encoding(w, spec)
+        spec = layer_weight_spec(w, config.weights, overflow_fix)
+        enc = _weight_encoding(w, spec, weight_ranges.get(node.name))
         enc.tensors = [node.name]
         scale, zp = enc.tensors_()
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)

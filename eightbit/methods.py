@@ -4,6 +4,10 @@ Activation methods see only the streaming statistics an observer collected (they
 weight methods see the whole weight tensor and work per channel.  A method declares the statistics it
 needs, so one calibration pass serves every method that can be computed from them.  Adding a method is one
 range function plus one `METHODS` entry.
+
+Output-aware methods (`eq`, `cross_entropy`) also need a few model inputs (`Statistic.INPUT_SAMPLES`): their
+range functions give the starting point, and `eightbit.refine` then searches each layer's clip against the
+layer's float output (the math is in `eightbit.layerwise`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ class Method:
     @property
     def needs_histogram(self) -> bool:
         return Statistic.HISTOGRAM in self.needs
+
+    @property
+    def output_aware(self) -> bool:
+        """Ranges are refined by searching against layer outputs on sample inputs (see `eightbit.refine`)."""
+        return Statistic.INPUT_SAMPLES in self.needs
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -238,6 +247,7 @@ def weight_admm(w: torch.Tensor, spec, axis: int | None) -> Range:
 
 
 _HIST = frozenset({Statistic.MINMAX, Statistic.HISTOGRAM})
+_SAMPLES = frozenset({Statistic.INPUT_SAMPLES})
 
 METHODS: dict[str, Method] = {
     "minmax": Method(frozenset({Statistic.MINMAX}), minmax_range, weight_minmax),
@@ -246,6 +256,11 @@ METHODS: dict[str, Method] = {
     "mse": Method(_HIST, mse_range, weight_mse),
     "kl": Method(_HIST, kl_range, None),
     "admm": Method(frozenset({Statistic.MINMAX}), None, weight_admm),
+    # EasyQuant: starts from min/max (activations) and max |w| per channel, then searches both scales per layer
+    # for the best output cosine.
+    "eq": Method(frozenset({Statistic.MINMAX}) | _SAMPLES, minmax_range, weight_minmax),
+    # mse everywhere, except the input of the layer producing the logits: clip searched for the least softmax KL.
+    "cross_entropy": Method(_HIST | _SAMPLES, mse_range, None),
 }
 
 

@@ -19,6 +19,7 @@ class Statistic(enum.Enum):
     EMA_MINMAX = "ema_minmax"
     HISTOGRAM = "histogram"
     CHANNEL_MEAN = "channel_mean"
+    INPUT_SAMPLES = "input_samples"  # the first few model inputs (output-aware methods replay them)
 
 
 class EmaMinMaxStats:
@@ -151,6 +152,32 @@ class HistogramStats:
 
     def edges(self) -> torch.Tensor:
         return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
+
+
+class InputSamples:
+    """The first `limit` calibration samples (positional model inputs), kept in the batches they came in.
+
+    Output-aware methods (`eq`, `cross_entropy`) replay them through the float graph to see each layer's input
+    and output.  Memory is bounded by `limit` samples, whatever the number of calibration samples.
+    """
+
+    def __init__(self, limit: int = 32) -> None:
+        if limit < 1:
+            raise ValueError(f"the input sample limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.count = 0
+        self.batches: list[tuple] = []
+
+    def update(self, args: tuple) -> None:
+        if self.count >= self.limit:
+            return
+        size = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), 0)
+        if size == 0:
+            return
+        take = min(size, self.limit - self.count)
+        # Cloned slices: a view would keep the whole calibration batch alive.
+        self.batches.append(tuple(a[:take].clone() if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args))
+        self.count += take
 
 
 _COLLECTORS = {Statistic.EMA_MINMAX: EmaMinMaxStats, Statistic.HISTOGRAM: HistogramStats}

@@ -59,3 +59,18 @@ def test_overflow_fix_applies_to_signed_8bit_weights_when_the_cpu_saturates():
     assert not overflow_fix_active(QuantConfig(weights=int8_weights(bits=6)), saturation_risk=True)
     assert (seven_bit(int8_weights()).qmin, seven_bit(int8_weights()).qmax) == (-63, 63)
     assert seven_bit(int8_weights(narrow_range=False)).qmin == -63
+
+
+def test_output_aware_methods_roles_and_limits():
+    eq = QuantConfig(activations=uint8_activations(method="eq"), weights=int8_weights(method="eq"))
+    assert (eq.activations.method, eq.weights.method) == ("eq", "eq")
+    QuantConfig(activations=uint8_activations(method="cross_entropy"), weights=int8_weights(method="eq"))
+    QuantConfig(weights=int8_weights(method="eq", granularity=Granularity.PER_TENSOR))
+    with pytest.raises(ValueError, match="for activations only"):
+        QuantConfig(weights=int8_weights(method="cross_entropy"))
+    with pytest.raises(ValueError, match="channel_axis"):
+        QuantConfig(weights=int8_weights(method="eq", channel_axis=1))
+    with pytest.raises(ValueError, match="power_of_two"):
+        QuantConfig(weights=int8_weights(method="eq"), activations=uint8_activations(power_of_two=True))
+    with pytest.raises(ValueError, match="per-tensor"):
+        QuantConfig(activations=uint8_activations(method="cross_entropy", granularity=Granularity.PER_CHANNEL))

@@ -173,6 +173,13 @@ def test_role_checks_name_the_valid_methods():
     assert Statistic.HISTOGRAM in METHODS["kl"].needs
 
 
+def test_output_aware_methods_declare_their_samples():
+    eq, ce = METHODS["eq"], METHODS["cross_entropy"]
+    assert eq.output_aware and ce.output_aware and not METHODS["mse"].output_aware
+    assert Statistic.INPUT_SAMPLES in eq.needs and Statistic.HISTOGRAM in ce.needs  # ce starts from mse
+    assert eq.activation_range is not None and eq.weight_range is not None and ce.weight_range is None
+
+
 def test_kl_after_histogram_growth_keeps_uniform_data_unclipped():
     # The second batch doubles the range, halving the histogram's resolution over the data; KL must search at
     # that resolution (re-binning finer created empty-bin combs and absurd clips: regression test).
