@@ -116,3 +116,29 @@ def test_summary_lists_int8_and_float_ops():
     text = qm.summary()
     assert "BatchNorms folded: 1" in text
     assert "linear" in text and "kept float by config" in text
+
+
+def test_small_calibration_batches_are_merged_without_changing_statistics():
+    from eightbit.api import _merge_small_batches
+
+    samples = [(torch.randn(1, 3, 8, 8),) for _ in range(11)]
+    merged = list(_merge_small_batches(iter(samples), 8))
+    assert [m[0].shape[0] for m in merged] == [8, 3]
+    torch.testing.assert_close(torch.cat([m[0] for m in merged]), torch.cat([s[0] for s in samples]))
+    # Different trailing shapes (e.g. sequence lengths) are never concatenated; big batches pass through.
+    mixed = [(torch.zeros(1, 5),), (torch.zeros(1, 7),), (torch.zeros(9, 7),), (torch.zeros(1, 7),)]
+    assert [tuple(m[0].shape) for m in _merge_small_batches(iter(mixed), 8)] == [(1, 5), (1, 7), (9, 7), (1, 7)]
+
+
+def test_merged_calibration_gives_the_same_ranges_as_one_sample_at_a_time():
+    from eightbit import calibrate, uint8_activations
+
+    model = ResidualNet().eval()
+    samples = [torch.randn(1, 3, 16, 16) for _ in range(10)]
+    merged = quantize(model, samples, progress=False)
+    ema = QuantConfig(activations=uint8_activations(method="ema"))
+    one_by_one = calibrate(model, samples, config=ema, methods=["minmax"], progress=False)
+    reference = one_by_one.quantize(QuantConfig())  # ema keeps the user's batches: no merging
+    for group, enc in merged.activation_encodings.items():
+        want = reference.activation_encodings[group].range
+        assert [*enc.range[0], *enc.range[1]] == pytest.approx([*want[0], *want[1]], rel=1e-6)
