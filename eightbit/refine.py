@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
-from eightbit import layerwise, qmath
+from eightbit import layerwise, ops, qmath
 from eightbit.calibrate import OBSERVER_PREFIX
 from eightbit.config import OpKind, QuantConfig
 from eightbit.convert import Encoding, layer_weight_spec, weight_axis
@@ -194,7 +195,17 @@ def _layer_samples(node: fx.Node, rule: OpRule, fetched: list, outputs: list, co
     # Same starting range as convert: the weight method's (max |w| per channel for eq).
     weight_range = lookup_method(config.weights.method).weight_range(weight, spec, axis)
     linear = rule.kind is OpKind.LINEAR
-    inputs, outputs = _rechunk([a[0] for a, _ in fetched], outputs, linear)
+    inputs = [a[0] for a, _ in fetched]
+    if node.target is ops.CONV2D_PADDED:
+        # Pad once rather than once per candidate: quantization maps the zero padding to exactly zero, so
+        # padding before or after fake quantization gives the same values.
+        _, _, bias, stride, pads, dilation, groups = args
+        inputs = [F.pad(x, [pads[1], pads[3], pads[0], pads[2]]) for x in inputs]
+
+        def op(x, w, bias=bias, stride=stride, dilation=dilation, groups=groups):
+            return F.conv2d(x, w, bias, stride, 0, dilation, groups)
+
+    inputs, outputs = _rechunk(inputs, outputs, linear)
     return LayerSamples(op, weight, inputs, outputs, -1 if linear else 1, spec, weight_range)
 
 

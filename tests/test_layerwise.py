@@ -216,9 +216,34 @@ def test_eq_end_to_end_exports_with_ort_parity(tmp_path):
     assert moved
 
 
-def test_eq_searches_a_shared_group_over_all_its_layers():
+class SamePadNet(nn.Module):
+    """TF-style 'same' padding (an explicit asymmetric pad before a stride-2 conv): captured as conv2d_padded."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+def _concat_layers(model):
+    return [(m, lambda x, w, m=m: F.conv2d(x, w, m.bias, padding=m.padding)) for m in (model.a, model.b)]
+
+
+def _same_pad_layers(model):
+    return [(model.conv, lambda x, w: F.conv2d(F.pad(x, (0, 1, 0, 1)), w, model.conv.bias, stride=2))]
+
+
+@pytest.mark.parametrize(
+    "net, layers",
+    [(ConcatNet, _concat_layers), (SamePadNet, _same_pad_layers)],
+    ids=["shared-group", "conv2d_padded"],
+)
+def test_eq_input_clip_matches_brute_force_on_the_model(net, layers):
     # ConcatNet's input feeds two convs (a, b): one clip for both, chosen by their summed output cosine.
-    model = ConcatNet().eval()
+    # SamePadNet's conv is searched on inputs padded once: the same values as padding each candidate.
+    model = net().eval()
     config = QuantConfig(activations=uint8_activations(method="eq"), overflow_fix=OverflowFix.DISABLE)
     data = calibration_batches()
     qm = quantize(model, data, config=config, progress=False)
@@ -230,13 +255,14 @@ def test_eq_searches_a_shared_group_over_all_its_layers():
         for t in ACTIVATION_FACTORS:
             xq = _uint8(x, float(lo * t), float(hi * t))
             total = 0.0
-            for conv in (model.a, model.b):
+            for conv, op in layers(model):
                 wq = _per_row(conv.weight, conv.weight.abs().flatten(1).amax(1), 127)
-                total += _cos(F.conv2d(xq, wq, conv.bias, padding=conv.padding), conv(x))
+                total += _cos(op(xq, wq), op(x, conv.weight))
             scores.append(total)
     pick = int(np.argmin([abs(enc.range[1][0] - float(hi * t)) for t in ACTIVATION_FACTORS]))
     assert enc.range[1][0] == pytest.approx(float(hi * ACTIVATION_FACTORS[pick]), rel=1e-6)
     assert _best(scores, pick)
+    assert net is not SamePadNet or any("conv2d_padded" in str(n.target) for n in qm.graph_module.graph.nodes)
 
 
 def test_eq_weights_respect_the_overflow_fix_code_range():
