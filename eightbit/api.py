@@ -329,7 +329,8 @@ def calibrate(
         calibration._load_stats(Path(cache))
         return calibration
     batches = _calibration_batches(model, calibration_data, prepared)
-    if Statistic.EMA_MINMAX not in needs:  # a moving average is defined over the user's own batches
+    # A moving average is defined over the user's own batches; a static-batch graph takes one batch size only.
+    if Statistic.EMA_MINMAX not in needs and prepared.captured.dynamic_batch:
         batches = _merge_small_batches(batches, MERGED_BATCH)
     run_calibration(prepared.gm, batches, progress=progress, samples=samples)
     if cache is not None:
