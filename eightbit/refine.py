@@ -35,7 +35,9 @@ from eightbit.transforms.graph_utils import attr_value
 
 Range = tuple[torch.Tensor, torch.Tensor]
 _CHUNK_ELEMENTS = 1 << 22  # outputs scored per layer run (16 MB of float32)
-_LOGIT_PASS = {torch.ops.aten._softmax.default, torch.ops.aten._log_softmax.default}
+_aten = torch.ops.aten
+# A model may end in softmax: its input is still the logits.
+_LOGIT_PASS = {_aten.softmax.int, _aten.log_softmax.int, _aten._softmax.default, _aten._log_softmax.default}
 
 
 def output_aware_ranges(

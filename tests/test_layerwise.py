@@ -1,6 +1,8 @@
 """Output-aware calibration (eq = EasyQuant, cross_entropy): the searches against brute force written here, and
 the methods end to end."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,20 @@ def test_cross_entropy_picks_the_softmax_kl_optimum_and_beats_minmax():
     with torch.no_grad():
         want = model(held_out)
         assert output_metrics(want, qm(held_out))[1] <= output_metrics(want, minmax(held_out))[1]
+
+
+class SoftmaxClassifier(Classifier):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=-1)
+
+
+def test_cross_entropy_finds_the_logits_layer_behind_a_softmax():
+    model = SoftmaxClassifier().eval()
+    data = _with_outlier(5)
+    qm = quantize(model, data, config=_ce(), progress=False)
+    mse = quantize(model, data, config=replace(_ce(), activations=uint8_activations(method="mse")), progress=False)
+    (searched,) = [g for g, e in qm.activation_encodings.items() if e.range != mse.activation_encodings[g].range]
+    assert qm.activation_encodings[searched].range[0] == [0.0]  # fc2's input (after the ReLU)
 
 
 def _ce() -> QuantConfig:
