@@ -181,7 +181,13 @@ class Calibration:
                     f"method {name!r} needs statistics {missing} that this calibration did not collect; pass "
                     f"methods=[{name!r}] to eightbit.calibrate (with a new cache file, if one is used)"
                 )
-        prepared = copy.deepcopy(self._prepared)  # convert rewrites the graph in place
+        return self._quantize(config, copy.deepcopy(self._prepared))  # convert rewrites the graph in place
+
+    def _quantize_once(self) -> QuantizedModel:
+        """`quantize()` with the calibration's own config, consuming this calibration (no graph copy)."""
+        return self._quantize(self.config, self._prepared)
+
+    def _quantize(self, config: QuantConfig, prepared: _Prepared) -> QuantizedModel:
         observers = {g: prepared.gm.get_submodule(OBSERVER_PREFIX + g) for g in self._observers}
         act = activation_encodings(observers, prepared.placement, config.activations)
         weight_ranges = None
@@ -439,7 +445,8 @@ def quantize(
     if encodings is None:
         if calibration_data is None:
             raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
-        return calibrate(model, calibration_data, example_inputs, config=config, progress=progress).quantize()
+        calibration = calibrate(model, calibration_data, example_inputs, config=config, progress=progress)
+        return calibration._quantize_once()
     if example_inputs is None:
         raise ValueError("example_inputs is required when quantizing from saved encodings")
     if config.smooth_quant is not None:

@@ -111,8 +111,9 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
     distribution P (outliers folded into its last bin) is best approximated, in KL divergence, by the
     unclipped bins merged into `levels` quantization levels and spread back over their nonzero bins.
 
-    Groups follow TensorRT/MXNet: i // levels bins each, the remainder merged into the last group.  All
-    candidates are evaluated at once from prefix sums ([candidates, bins] matrices), not in a Python loop.
+    Groups follow TensorRT/MXNet: i // levels bins each, the remainder merged into the last group.  Within a
+    group Q is constant on the nonzero bins, so KL(P || Q) splits into prefix sums of c, c·log c and of the
+    nonzero-bin count: every candidate costs O(levels), not O(bins), and all are evaluated at once.
     """
     counts = counts.double()
     bins = len(counts)
@@ -121,25 +122,28 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
         return bins
     zero = torch.zeros(1, dtype=torch.float64)
     prefix = torch.cat([zero, torch.cumsum(counts, 0)])
+    c_log_c = torch.cat([zero, torch.cumsum(torch.xlogy(counts, counts), 0)])
     nonzero_prefix = torch.cat([zero, torch.cumsum((counts > 0).double(), 0)])
+    total = float(prefix[-1])
     width = torch.div(cand, levels, rounding_mode="floor")  # bins per group, per candidate
     group = torch.arange(levels)
     start = group[None, :] * width[:, None]
     end = torch.where(group[None, :] == levels - 1, cand[:, None], (group[None, :] + 1) * width[:, None])
-    average = (prefix[end] - prefix[start]) / (nonzero_prefix[end] - nonzero_prefix[start]).clamp_min(1)
-    j = torch.arange(bins)
-    inside = j[None, :] < cand[:, None]
-    member = torch.clamp(torch.div(j[None, :], width[:, None], rounding_mode="floor"), max=levels - 1)
-    q = torch.where(inside & (counts[None, :] > 0), average.gather(1, member), 0.0)
-    p = torch.where(inside, counts[None, :], 0.0)
-    rows = torch.arange(len(cand))
-    p[rows, cand - 1] += prefix[-1] - prefix[cand]  # outliers join the last kept bin
-    p = p / p.sum(1, keepdim=True).clamp_min(1e-300)
-    q = q / q.sum(1, keepdim=True).clamp_min(1e-300)
-    terms = torch.where(p > 0, p * torch.log(p / q.clamp_min(1e-12)), 0.0)
-    kl = terms.sum(1)
-    kl = torch.where(q.sum(1) > 0, kl, torch.full_like(kl, math.inf))
-    return int(cand[int(torch.argmin(kl))])
+    group_sum = prefix[end] - prefix[start]
+    log_avg = torch.log(group_sum / (nonzero_prefix[end] - nonzero_prefix[start]).clamp_min(1)).nan_to_num(neginf=0.0)
+    last = counts[cand - 1]  # the last kept bin, which also receives the outliers
+    kept = prefix[cand]  # = the sum of Q before normalisation
+    # P·log P and P·log Q over the kept bins except the last one, then the last bin on its own.
+    p_log_p = c_log_c[cand - 1] - prefix[cand - 1] * math.log(total)
+    p_log_q = (group_sum * log_avg).sum(1) - last * log_avg[:, -1] - prefix[cand - 1] * torch.log(kept)
+    p_last = (last + total - kept) / total
+    q_last = torch.where(last > 0, torch.exp(log_avg[:, -1]) / kept, torch.full_like(kept, 1e-12))
+    kl = (p_log_p - p_log_q) / total + torch.xlogy(p_last, p_last) - p_last * torch.log(q_last)
+    kl = torch.where(kept > 0, kl, torch.full_like(kl, math.inf))
+    # Exact ties (empty bins past the data) resolve to the smallest threshold, as a sequential search would;
+    # the tolerance absorbs the rounding of the closed form.
+    best = float(kl.min())
+    return int(cand[int(torch.nonzero(kl <= best + 1e-12 * max(1.0, abs(best)))[0])])
 
 
 def kl_range(stats: dict, spec) -> Range:
