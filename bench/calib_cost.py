@@ -57,7 +57,7 @@ def worker_eightbit(method: str, n: int, out: Path) -> tuple[float, str]:
     data = (torch.from_numpy(x) for x in _inputs(n))
     start = time.perf_counter()
     qm = eightbit.quantize(model, data, config=config, progress=False)
-    report = qm.export_onnx(out, check=False)
+    report = qm.export_onnx(out, check=False, overwrite=True)
     return time.perf_counter() - start, report.exporter
 
 

@@ -175,21 +175,25 @@ def bin_counts(x: torch.Tensor, lo: float, width: float, bins: int) -> torch.Ten
     """Counts of the float32 values `x` (1-D, all within [lo, lo + bins * width]) in `bins` equal bins, as
     float64; the top edge belongs to the last bin, as in `torch.histc`.
 
-    About 7x faster than `torch.histc` on CPU: bin indices are computed in place in scratch buffers and
-    counted with a `scatter_add_` spread over one row per thread (histc and bincount run single-threaded).
+    About 6x faster than `torch.histc` on CPU: bin indices are computed in scratch buffers (one fused
+    multiply-add, one conversion) and counted with a `scatter_add_` spread over one row per thread (histc and
+    bincount run single-threaded).  Float-to-int conversion truncates, so a value a rounding error below `lo`
+    lands in bin 0, and the top edge lands in an extra column that is folded into the last bin.
     """
     rows = max(1, torch.get_num_threads())
-    counts = torch.zeros(rows, bins, dtype=torch.int64)
+    counts = torch.zeros(rows, bins + 1, dtype=torch.int64)
+    offset = torch.tensor(-lo / width, dtype=torch.float32)
     for start in range(0, x.numel(), _CHUNK):
         chunk = x[start : start + _CHUNK]
         n = chunk.numel()
-        scaled = torch.sub(chunk, lo, out=_buffer("scaled", n, torch.float32)).mul_(1.0 / width)
-        index = _buffer("index", n, torch.int64)
-        index.copy_(scaled.clamp_(0, bins - 1))  # float -> int truncates: floor for these non-negative values
+        scaled = torch.add(offset, chunk, alpha=1.0 / width, out=_buffer("scaled", n, torch.float32))
+        index = _buffer("index", n, torch.int64).copy_(scaled.clamp_(0, bins))
         ones = _buffer("ones", n, torch.int64, fill=1)
         r = rows if n % rows == 0 else 1
         counts[:r].scatter_add_(1, index.view(r, -1), ones.view(r, -1))
-    return counts.sum(0).double()
+    total = counts.sum(0)
+    total[bins - 1] += total[bins]
+    return total[:bins].double()
 
 
 class InputSamples:

@@ -39,6 +39,40 @@ class _ValueInfo(fx.Interpreter):
         return out
 
 
+def _recorded_meta(gm: fx.GraphModule, example_args: tuple) -> dict | None:
+    """Each node's dtype and rank (as an empty meta tensor) from what capture recorded (`meta["val"]`) and the
+    known outputs of the Q/DQ ops, without running anything; None when some node has neither."""
+    meta: dict[fx.Node, object] = {}
+    args = iter(example_args)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = next(args, None)
+            if isinstance(value, torch.Tensor):  # inputs keep their sizes: static dims go into the ONNX input
+                meta[node] = torch.empty(value.shape, dtype=value.dtype, device="meta")
+                continue
+        elif node.op == "get_attr":
+            value = _attr(gm, node.target)
+        elif node.op == "output" or (node.op == "call_module" and str(node.target).startswith("_guards")):
+            continue
+        elif (
+            node.target in (ops.QUANTIZE, ops.DEQUANTIZE)
+            and isinstance(meta.get(node.args[0]), torch.Tensor)
+            and node.args[2].op == "get_attr"
+        ):
+            dtype = _attr(gm, node.args[2].target).dtype if node.target == ops.QUANTIZE else torch.float32
+            value = torch.empty((0,) * meta[node.args[0]].dim(), dtype=dtype)
+        else:
+            value = node.meta.get("val")
+            if value is None and node.target not in _SKIPPED:
+                return None
+        meta[node] = (
+            torch.empty((0,) * value.dim(), dtype=value.dtype, device="meta")
+            if isinstance(value, torch.Tensor)
+            else value
+        )
+    return meta
+
+
 class Emitter:
     """State of one emission: ONNX nodes and initializers, and the ONNX value name of each FX node."""
 
@@ -140,12 +174,10 @@ def _quantize(em: Emitter, node: fx.Node) -> str:
     info = np.iinfo(_np_dtype(zp_t.dtype))
     if (qmin, qmax) != (info.min, info.max):
         # Fewer bits than the container: QuantizeLinear saturates only at the type's limits, so clip first.
-        rank = em.rank(node.args[0])
-        shape = [-1] + [1] * (rank - 1 - axis % rank) if scale_t.numel() > 1 else []
-        lo = ((qmin - zp_t.float()) * scale_t).reshape(shape)
-        hi = ((qmax - zp_t.float()) * scale_t).reshape(shape)
-        x = em.add("Max", [x, em.constant(lo, np.float32)], "clip_lo")
-        x = em.add("Min", [x, em.constant(hi, np.float32)], "clip_hi")
+        if scale_t.numel() > 1:
+            raise Unsupported("per-channel activations with fewer bits than their container")
+        x = em.add("Max", [x, em.constant((qmin - zp_t.float()) * scale_t, np.float32)], "clip_lo")
+        x = em.add("Min", [x, em.constant((qmax - zp_t.float()) * scale_t, np.float32)], "clip_hi")
     return em.add("QuantizeLinear", [x, em.names[scale], em.names[zero_point]], "q", **_axis(scale_t, axis))
 
 
@@ -481,15 +513,18 @@ def emit_model(
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target not in HANDLERS and node.target not in _SKIPPED:
             raise Unsupported(str(node.target))  # before running anything
-    info = _ValueInfo(gm)
-    with torch.no_grad():
-        info.run(*example_args)
-    em = Emitter(gm, info.meta)
+    meta = _recorded_meta(gm, example_args)
+    if meta is None:  # some node without recorded metadata: run the graph once (0.2-0.5 s on a ResNet-50)
+        info = _ValueInfo(gm)
+        with torch.no_grad():
+            info.run(*example_args)
+        meta = info.meta
+    em = Emitter(gm, meta)
     inputs = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (node, name) in enumerate(zip(placeholders, input_names, strict=True)):
         em.names[node] = name
-        inputs.append(_value_info(name, info.meta[node], (dynamic_axes[i] if i < len(dynamic_axes) else None) or {}))
+        inputs.append(_value_info(name, meta[node], (dynamic_axes[i] if i < len(dynamic_axes) else None) or {}))
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = _attr(gm, node.target)
@@ -505,7 +540,7 @@ def emit_model(
     for i, leaf in enumerate(leaves):
         name = "output" if len(leaves) == 1 else f"output_{i}"
         em.nodes.append(helper.make_node("Identity", [em.names[leaf]], [name], name=name))
-        outputs.append(_value_info(name, info.meta[leaf], None))
+        outputs.append(_value_info(name, meta[leaf], None))
     graph = helper.make_graph(em.nodes, "eightbit", inputs, outputs, em.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="eightbit")
     model.ir_version = min(model.ir_version, 10)  # readable by every current runtime

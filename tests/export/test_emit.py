@@ -1,0 +1,120 @@
+"""Direct ONNX emission: the same operators and the same ONNX Runtime outputs as the dynamo exporter."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from eightbit import Granularity, QuantConfig, quantize, uint8_activations
+from eightbit.export import emit
+from eightbit.export.onnx import DIRECT, DYNAMO, _dynamo_model
+from tests.helpers import ConcatNet, DepthwiseNet, ResidualNet, calibration_batches
+
+
+class MobileBlock(nn.Module):
+    """Hard-swish, a squeeze-excite gate (sigmoid, mul), average pooling and TF-style asymmetric padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+        self.stem = nn.Conv2d(3, 8, 3, stride=2)
+        self.squeeze = nn.Conv2d(8, 8, 1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        x = nn.functional.hardswish(self.stem(self.pad(x)))
+        x = x * torch.sigmoid(self.squeeze(x.mean((2, 3), keepdim=True)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+MODELS = {"residual": ResidualNet, "depthwise": DepthwiseNet, "concat": ConcatNet, "mobile": MobileBlock}
+
+
+def _quantized(name: str, config: QuantConfig | None = None):
+    torch.manual_seed(0)
+    return quantize(MODELS[name]().eval(), calibration_batches(), config=config, progress=False)
+
+
+def _emit_both(qm):
+    kwargs = dict(input_names=qm.input_names, dynamic_axes=qm.dynamic_axes, opset=20)
+    direct = emit.emit_model(qm.graph_module, qm._example_args, **kwargs)
+    dynamo = _dynamo_model(qm.graph_module, qm._example_args, **kwargs)
+    return direct, dynamo
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _op_counts(model: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model.graph.node if n.op_type not in ("Identity", "Constant"))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_direct_emission_matches_the_dynamo_exporter(name):
+    qm = _quantized(name)
+    direct, dynamo = _emit_both(qm)
+    onnx.checker.check_model(direct, full_check=True)
+    assert _op_counts(direct) == _op_counts(dynamo)
+    for batch in (1, 5):  # the batch axis is dynamic in both
+        x = torch.randn(batch, 3, 16, 16).numpy()
+        np.testing.assert_allclose(_run(direct, x), _run(dynamo, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_export_of_cnns_takes_the_direct_path(name, tmp_path):
+    report = _quantized(name).export_onnx(tmp_path / "m.onnx")
+    assert report.exporter == DIRECT
+    assert report.parity.max_steps < 3
+
+
+@pytest.mark.parametrize(
+    "activations",
+    [uint8_activations(bits=4), uint8_activations(granularity=Granularity.PER_CHANNEL)],
+    ids=["4-bit", "per-channel"],
+)
+def test_direct_emission_of_other_activation_schemes_matches_the_simulation(activations):
+    qm = _quantized("depthwise", QuantConfig(activations=activations))
+    model = emit.emit_model(
+        qm.graph_module, qm._example_args, input_names=qm.input_names, dynamic_axes=qm.dynamic_axes, opset=20
+    )
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = qm(x).numpy()
+    got = _run(model, x.numpy())
+    assert np.abs(got - want).max() <= 3 * float(want.max() - want.min()) / 255
+
+
+class CumulativeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.conv(x), dim=3)
+
+
+def test_unsupported_op_falls_back_to_dynamo(tmp_path):
+    qm = quantize(CumulativeNet().eval(), calibration_batches(), progress=False)
+    with pytest.raises(emit.Unsupported, match="cumsum"):
+        emit.emit_model(qm.graph_module, qm._example_args, input_names=["x"], dynamic_axes=qm.dynamic_axes, opset=20)
+    report = qm.export_onnx(tmp_path / "cumsum.onnx")
+    assert report.exporter == DYNAMO
+    assert report.parity.max_steps < 3
+
+
+def test_a_failing_handler_warns_and_falls_back(tmp_path, monkeypatch):
+    def broken(em, node):
+        raise RuntimeError("handler bug")
+
+    monkeypatch.setitem(emit.HANDLERS, torch.ops.aten.conv2d.default, broken)
+    qm = _quantized("residual")
+    with pytest.warns(UserWarning, match="direct ONNX emission failed.*handler bug"):
+        report = qm.export_onnx(tmp_path / "m.onnx")
+    assert report.exporter == DYNAMO and report.parity.max_steps < 3
