@@ -65,7 +65,15 @@ class QuantizedModel(nn.Module):
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
-        return self.graph_module(*args, **kwargs)
+        if kwargs:  # the graph takes forward()'s inputs positionally, in the captured order
+            rest = self.input_names[len(args) :]
+            if set(kwargs) != set(rest):
+                raise TypeError(
+                    f"this model takes the inputs {self.input_names}; got {len(args)} positional and "
+                    f"keywords {sorted(kwargs)}"
+                )
+            args = (*args, *(kwargs[n] for n in rest))
+        return self.graph_module(*args)
 
     def export_onnx(
         self, path, *, overwrite: bool = False, check: bool = True, opset: int | None = None
