@@ -188,3 +188,15 @@ def test_kl_after_histogram_growth_keeps_uniform_data_unclipped():
     obs = _observe(spec, torch.rand(50_000) * 3, torch.rand(50_000) * 6, torch.rand(50_000) * 6)
     lo, hi = kl_range(obs.stats, spec)
     assert float(hi) > 4.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kl_threshold_matches_reference_on_random_histograms_with_empty_bins(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        bins, levels = int(rng.integers(20, 160)), int(rng.integers(2, 12))
+        counts = np.round(rng.exponential(50, bins) * np.exp(-np.arange(bins) / rng.uniform(3, 40))).astype(np.int64)
+        counts[rng.random(bins) < 0.2] = 0  # empty bins, and exact ties between thresholds past the data
+        if counts.sum() == 0:
+            continue
+        assert kl_threshold(torch.tensor(counts), levels) == _reference_kl_threshold(counts, levels)

@@ -76,3 +76,19 @@ def test_unknown_method_lists_valid_names():
     with pytest.raises(ValueError, match="valid methods: " + valid):
         lookup_method("nope")
     assert set(METHODS) >= {"minmax", "percentile"}
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+@pytest.mark.parametrize("numel", [1, 5, 4096, 10001])
+def test_bin_counts_agree_with_histc(monkeypatch, chunk, numel):
+    import eightbit.observers as observers
+
+    monkeypatch.setattr(observers, "_CHUNK", chunk)  # several chunks, odd sizes, scratch buffers reused
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel)).relu()
+    lo, hi = float(x.min()), float(x.max())
+    width = max(hi - lo, 1e-3) / 64 * (1 + 1e-6)
+    got = observers.bin_counts(x, lo, width, 64)
+    want = torch.histc(x, 64, lo, lo + 64 * width).double()
+    assert float(got.sum()) == numel
+    # Only values within float rounding of a bin edge may land in the neighbouring bin.
+    assert float((got - want).abs().sum()) <= 2 + numel * 1e-4
