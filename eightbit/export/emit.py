@@ -525,13 +525,18 @@ def emit_model(
     for i, (node, name) in enumerate(zip(placeholders, input_names, strict=True)):
         em.names[node] = name
         inputs.append(_value_info(name, meta[node], (dynamic_axes[i] if i < len(dynamic_axes) else None) or {}))
+    initializer_of: dict[str, str] = {}  # attribute -> initializer name: one initializer per tensor
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
-            if not isinstance(value, torch.Tensor):
-                raise Unsupported(f"get_attr of a {type(value).__name__}")
-            em.names[node] = node.target.replace(".", "_")
-            em.initializers.append(numpy_helper.from_array(value.detach().cpu().numpy(), em.names[node]))
+            if node.target not in initializer_of:
+                value = _attr(gm, node.target)
+                if not isinstance(value, torch.Tensor):
+                    raise Unsupported(f"get_attr of a {type(value).__name__}")
+                name = node.target.replace(".", "_")
+                name = name if name not in initializer_of.values() else em.fresh(name)
+                initializer_of[node.target] = name
+                em.initializers.append(numpy_helper.from_array(value.detach().cpu().numpy(), name))
+            em.names[node] = initializer_of[node.target]
         elif node.op not in ("placeholder", "output"):
             _emit_node(em, node)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")

@@ -118,3 +118,19 @@ def test_a_failing_handler_warns_and_falls_back(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="direct ONNX emission failed.*handler bug"):
         report = qm.export_onnx(tmp_path / "m.onnx")
     assert report.exporter == DYNAMO and report.parity.max_steps < 3
+
+
+def test_a_tensor_read_twice_becomes_one_initializer():
+    qm = _quantized("residual")
+    graph = qm.graph_module.graph
+    first = next(n for n in graph.nodes if n.op == "get_attr")
+    with graph.inserting_after(first):
+        again = graph.get_attr(first.target)  # a second read of the same attribute
+    next(iter(first.users)).replace_input_with(first, again)
+    qm.graph_module.recompile()
+    model = emit.emit_model(
+        qm.graph_module, qm._example_args, input_names=qm.input_names, dynamic_axes=qm.dynamic_axes, opset=20
+    )
+    names = [i.name for i in model.graph.initializer]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(model)
