@@ -122,6 +122,27 @@ def test_onnx_runtime_runs_every_matmul_in_int8(quantized, tmp_path):
     producer = {out: n.op_type for n in nodes for out in n.output}
     mul_inputs = [producer.get(i) for n in nodes if n.op_type == "Mul" for i in n.input]
     assert "MatMulIntegerToFloat" not in mul_inputs  # the attention scale is folded into Q's dequantize
+    # Shapes are recorded in the file, so ORT can prove the residual adds fusable into its LayerNorm kernel.
+    assert ops["SkipLayerNormalization"] == 4
+
+
+def test_direct_emission_matches_the_dynamo_exporter(quantized, tmp_path):
+    from eightbit.export import emit
+    from eightbit.export.onnx import DIRECT, _dynamo_model
+
+    _, qm = quantized
+    assert qm.export_onnx(tmp_path / "bert.onnx").exporter == DIRECT
+    kwargs = dict(input_names=qm.input_names, dynamic_axes=qm.dynamic_axes, opset=20)
+    direct = emit.emit_model(qm.graph_module, qm._example_args, **kwargs)
+    dynamo = _dynamo_model(qm.graph_module, qm._example_args, **kwargs)
+    onnx.checker.check_model(direct, full_check=True)
+    for lengths, seq_len in (([6], 6), ([9, 20, 14], 20)):
+        feeds = {k: v.numpy() for k, v in _batch(lengths, seq_len, seed=7).items()}
+        got, want = (
+            ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for m in (direct, dynamo)
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -91,20 +91,20 @@ def test_direct_emission_of_other_activation_schemes_matches_the_simulation(acti
     assert np.abs(got - want).max() <= 3 * float(want.max() - want.min()) / 255
 
 
-class CumulativeNet(nn.Module):
+class FlipNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
 
     def forward(self, x):
-        return torch.cumsum(self.conv(x), dim=3)
+        return torch.flip(self.conv(x), dims=[3])  # no direct handler for flip
 
 
 def test_unsupported_op_falls_back_to_dynamo(tmp_path):
-    qm = quantize(CumulativeNet().eval(), calibration_batches(), progress=False)
-    with pytest.raises(emit.Unsupported, match="cumsum"):
+    qm = quantize(FlipNet().eval(), calibration_batches(), progress=False)
+    with pytest.raises(emit.Unsupported, match="flip"):
         emit.emit_model(qm.graph_module, qm._example_args, input_names=["x"], dynamic_axes=qm.dynamic_axes, opset=20)
-    report = qm.export_onnx(tmp_path / "cumsum.onnx")
+    report = qm.export_onnx(tmp_path / "flip.onnx")
     assert report.exporter == DYNAMO
     assert report.parity.max_steps < 3
 
