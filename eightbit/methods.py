@@ -149,8 +149,9 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
 def kl_range(stats: dict, spec) -> Range:
     """Entropy (KL) calibration.  Non-negative data (after ReLU) is searched on [0, max] with as many levels
     as the type has codes; signed data on a histogram of |x| with half as many (TensorRT's symmetric scheme).
-    The search runs on the observer's histogram (2048 bins, fewer after range growth); with no more bins
-    than levels there is nothing to choose and the full range is kept."""
+    The search runs on the observer's histogram (2048 bins up to 8 bits, more for wider types, see
+    `histogram_bins`; fewer after range growth); with no more bins than levels there is nothing to choose and
+    the full range is kept."""
     hist: HistogramStats = stats[Statistic.HISTOGRAM]
     mm: MinMaxStats = stats[Statistic.MINMAX]
     lo, hi = float(mm.lo), float(mm.hi)
@@ -162,7 +163,7 @@ def kl_range(stats: dict, spec) -> Range:
         magnitude, top, levels = centres.abs(), max(-lo, hi), max(2, levels // 2)
     # Fold at the observer's own resolution: re-binning into finer bins than were observed leaves a comb of
     # empty bins, and the KL search then "finds" thresholds where each group holds one nonzero bin.
-    bins = min(8192, int(round(top / hist.width))) if top > 0 else 0
+    bins = min(max(8192, 8 * levels), int(round(top / hist.width))) if top > 0 else 0
     if bins <= levels:
         return torch.tensor(lo), torch.tensor(hi)  # too few observed bins to choose a clip
     folded = torch.zeros(bins, dtype=torch.float64).index_add_(
@@ -172,8 +173,10 @@ def kl_range(stats: dict, spec) -> Range:
         # The exact zeros of a ReLU are a spike in bin 0 that any clip represents exactly; left in, they
         # dominate P and make the search accept clipping most of the real signal (ReLU6 nets).
         folded[0] = 0
-    # Every 4th candidate: neighbouring thresholds differ by well under 1% of the range.
-    threshold = kl_threshold(folded, min(levels, bins), stride=4) * top / bins
+    # Every 4th candidate (neighbouring thresholds differ by well under 1% of the range), sparser at high bit
+    # widths so that the [candidates, levels] work stays below ~2 M entries.
+    stride = max(4, math.ceil((bins - levels) * levels / (1 << 21)))
+    threshold = kl_threshold(folded, min(levels, bins), stride=stride) * top / bins
     return torch.tensor(max(lo, -threshold)), torch.tensor(min(hi, threshold))
 
 

@@ -222,7 +222,16 @@ class InputSamples:
         self.count += take
 
 
-_COLLECTORS = {Statistic.EMA_MINMAX: EmaMinMaxStats, Statistic.HISTOGRAM: HistogramStats}
+def histogram_bins(bits: int) -> int:
+    """Histogram resolution for a target bit width: TensorRT's 2048 bins up to 8 bits, then 8 bins per code
+    (capped at 65536), so that clipping searches can still choose between neighbouring code steps."""
+    return 2048 if bits <= 8 else min(1 << 16, 8 << bits)
+
+
+_COLLECTORS = {
+    Statistic.EMA_MINMAX: lambda spec: EmaMinMaxStats(),
+    Statistic.HISTOGRAM: lambda spec: HistogramStats(histogram_bins(spec.bits)),
+}
 
 
 class Observer(nn.Module):
@@ -240,7 +249,7 @@ class Observer(nn.Module):
         }
         for statistic in needs:
             if statistic in _COLLECTORS:
-                self.stats[statistic] = _COLLECTORS[statistic]()
+                self.stats[statistic] = _COLLECTORS[statistic](spec)
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,21 @@ def test_kl_threshold_matches_reference_on_random_histograms_with_empty_bins(see
         if counts.sum() == 0:
             continue
         assert kl_threshold(torch.tensor(counts), levels) == _reference_kl_threshold(counts, levels)
+
+
+def test_kl_histogram_resolution_follows_the_bit_width():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            -torch.log(torch.rand(200000, generator=g)) * torch.sign(torch.randn(200000, generator=g)),
+            torch.tensor([40.0]),
+        ]
+    )  # Laplace(0, 1) and one far outlier
+    thresholds = []
+    for bits in (8, 12):
+        spec = uint8_activations(method="kl", bits=bits, signed=True, symmetric=True)
+        obs = _observe(spec, x)
+        assert obs.stats[Statistic.HISTOGRAM].bins == {8: 2048, 12: 32768}[bits]
+        thresholds.append(float(kl_range(obs.stats, spec)[1]))
+    # Both clip the lone outlier and keep the body (P(|x| > 6) is 0.25% for Laplace(0, 1)).
+    assert all(6.0 < t < 40.0 for t in thresholds)
