@@ -236,3 +236,23 @@ def _sym_arithmetic(em: Emitter, node: fx.Node) -> str:
 
 for _target in _SYM_ARITHMETIC:
     handles(_target)(_sym_arithmetic)
+
+
+@handles(aten.constant_pad_nd.default, aten.pad.default)
+def _constant_pad(em: Emitter, node: fx.Node) -> str:
+    x, pad = node.args[:2]
+    if node.target == aten.pad.default:
+        if _arg(node, 2, "mode", "constant") != "constant":
+            raise Unsupported("reflect/replicate/circular padding")
+        value = _arg(node, 3, "value") or 0
+    else:
+        value = _arg(node, 2, "value", 0)
+    if any(not isinstance(p, int) or p < 0 for p in pad):
+        raise Unsupported("symbolic or negative (cropping) padding")
+    rank = em.rank(x)
+    # torch lists (begin, end) pairs from the last dim backwards; ONNX all begins, then all ends, from dim 0.
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    fill = em.constant(value, _np_dtype(em.dtype(x)))
+    return em.add("Pad", [em.value(x), em.ints(begins + ends), fill], "pad", mode="constant")

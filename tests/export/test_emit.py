@@ -134,3 +134,24 @@ def test_a_tensor_read_twice_becomes_one_initializer():
     names = [i.name for i in model.graph.initializer]
     assert len(names) == len(set(names))
     onnx.checker.check_model(model)
+
+
+class PaddedNet(nn.Module):
+    """A constant pad that is not folded into a convolution (it feeds a max-pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = nn.functional.pad(self.conv(x), (0, 1, 2, 0), value=0.5)
+        return nn.functional.max_pool2d(y, 2)
+
+
+def test_constant_padding_is_emitted_directly(tmp_path):
+    qm = quantize(PaddedNet().eval(), calibration_batches(), progress=False)
+    direct, dynamo = _emit_both(qm)
+    assert _op_counts(direct)["Pad"] == 1
+    x = torch.randn(2, 3, 16, 16).numpy()
+    np.testing.assert_allclose(_run(direct, x), _run(dynamo, x), rtol=1e-5, atol=1e-6)
+    assert qm.export_onnx(tmp_path / "pad.onnx").exporter == DIRECT
