@@ -89,6 +89,8 @@ def emit_model(
     gm: fx.GraphModule, example_args: tuple, *, input_names: list[str], dynamic_axes: tuple, opset: int
 ) -> onnx.ModelProto:
     """The ONNX model of `gm`, or `Unsupported` if some op has no handler (the caller falls back)."""
+    if opset < 20:  # the handlers use opset-20 forms (Gelu, ReduceMean/ReduceL2 with axes inputs)
+        raise Unsupported(f"opset {opset} (direct emission writes opset 20 or later)")
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target not in HANDLERS and node.target not in _SKIPPED:
             raise Unsupported(str(node.target))  # before running anything

@@ -117,8 +117,8 @@ def _index(em: Emitter, node: fx.Node) -> str:
     """x[i0, i1, ...] with index tensors for the leading dims: the indices broadcast together, stack on a
     new last axis, and GatherND reads the rows."""
     x, indices = node.args[:2]
-    if any(i is None for i in indices):
-        raise Unsupported("indexing with None (sliced) dims")
+    if any(i is None or em.dtype(i) == torch.bool for i in indices):
+        raise Unsupported("indexing with None (sliced) dims or boolean masks")
     names = [em.cast_to(i, torch.int64) for i in indices]
     zeros = em.add("Mul", [names[0], em.ints([0])], "zeros")
     for name in names[1:]:  # zeros in the broadcast shape of all the indices
@@ -132,6 +132,8 @@ def _index(em: Emitter, node: fx.Node) -> str:
 def _arange(em: Emitter, node: fx.Node) -> str:
     args = list(node.args)
     start, end, step = ([0, *args, 1] if len(args) == 1 else [*args, 1] if len(args) == 2 else args)[:3]
+    if any(not isinstance(v, (int, fx.Node)) for v in (start, end, step)):
+        raise Unsupported("arange with non-integer bounds")
     dtype = em.dtype(node)
     scalars = [em.add("Reshape", [em.shape_list([v]), em.ints([])], "scalar") for v in (start, end, step)]
     if dtype != torch.int64:
@@ -164,7 +166,10 @@ _COMPARE = {
 
 def _compare(em: Emitter, node: fx.Node) -> str:
     a, b = node.args[:2]
-    dtype = torch.promote_types(em.dtype(a), em.dtype(b)) if isinstance(b, fx.Node) else em.dtype(a)
+    if isinstance(b, fx.Node):
+        dtype = torch.promote_types(em.dtype(a), em.dtype(b))
+    else:  # a float scalar against an integer tensor compares in float, as torch does
+        dtype = torch.float32 if isinstance(b, float) and not em.dtype(a).is_floating_point else em.dtype(a)
     out = em.add(_COMPARE[node.target], [em.cast_to(a, dtype), em.cast_to(b, dtype)], "compare")
     return em.add("Not", [out], "not") if node.target in (aten.ne.Scalar, aten.ne.Tensor) else out
 
@@ -198,6 +203,8 @@ def _where(em: Emitter, node: fx.Node) -> str:
 @handles(aten.sum.dim_IntList)
 def _sum(em: Emitter, node: fx.Node) -> str:
     x, dims = node.args[:2]
+    if not dims:
+        raise Unsupported("sum over all dims")
     keepdim = bool(_arg(node, 2, "keepdim", False))
     data = em.cast_to(x, em.dtype(node))  # sum of bools/ints promotes
     return em.add("ReduceSum", [data, em.ints(dims)], "sum", keepdims=int(keepdim))

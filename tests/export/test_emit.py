@@ -155,3 +155,32 @@ def test_constant_padding_is_emitted_directly(tmp_path):
     x = torch.randn(2, 3, 16, 16).numpy()
     np.testing.assert_allclose(_run(direct, x), _run(dynamo, x), rtol=1e-5, atol=1e-6)
     assert qm.export_onnx(tmp_path / "pad.onnx").exporter == DIRECT
+
+
+class MaskedTokens(nn.Module):
+    """Integer ids compared with a float scalar, a float mask, an embedding and a linear over a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        keep = (ids >= 2.5).float().unsqueeze(-1)  # compared in float, as torch does: 3 is kept, 2 is not
+        return self.fc(self.embedding(ids) * keep).sum(1)
+
+
+def test_integer_tensor_against_float_scalar_compares_in_float(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    qm = quantize(MaskedTokens().eval(), [torch.randint(0, 10, (4, 6), generator=g) for _ in range(4)], progress=False)
+    assert qm.export_onnx(tmp_path / "masked.onnx").exporter == DIRECT
+    ids = torch.arange(10).reshape(2, 5)  # every id, 2 (dropped) and 3 (kept) included
+    session = ort.InferenceSession(str(tmp_path / "masked.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = qm(ids).numpy()
+    np.testing.assert_allclose(session.run(None, {"ids": ids.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_opsets_below_20_go_through_the_dynamo_exporter(tmp_path):
+    report = _quantized("residual").export_onnx(tmp_path / "op17.onnx", opset=17)
+    assert report.exporter == DYNAMO and report.parity.max_steps < 3
