@@ -1,8 +1,9 @@
 """ONNX export of a converted graph: standard QuantizeLinear/DequantizeLinear with int8 initializers.
 
-The converted FX graph is re-captured with `torch.export` and handed to the dynamo ONNX exporter; the only
-eightbit-specific pieces are the two op handlers in `eightbit.ops`.  Every export is checked: ONNX Runtime
-runs the file and its outputs are compared with the PyTorch simulation, in quantization steps.
+The converted FX graph is written directly by `eightbit.export.emit` (one handler per ATen op).  A graph with
+an op it has no handler for is re-captured with `torch.export` and handed to the dynamo ONNX exporter, with
+the Q/DQ handlers in `eightbit.ops`.  Every export is checked: ONNX Runtime runs the file and its outputs are
+compared with the PyTorch simulation, in quantization steps.
 """
 
 from __future__ import annotations
