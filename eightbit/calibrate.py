@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from eightbit.config import QuantSpec
 from eightbit.methods import lookup_method
-from eightbit.observers import InputSamples, Observer, Statistic
+from eightbit.observers import InputSamples, Observer, Statistic, release_scratch
 from eightbit.placement import Placement
 
 OBSERVER_PREFIX = "eightbit_observer_"
@@ -91,13 +91,16 @@ def run_calibration(
     """
     total = len(data) if hasattr(data, "__len__") else None
     batches = 0
-    with torch.no_grad():
-        for batches, batch in enumerate(tqdm(data, total=total, desc="calibrating", disable=not progress), 1):
-            args, kwargs = as_model_inputs(batch)
-            _check_finite(args, kwargs, batches - 1)
-            gm(*args, **kwargs)
-            if samples is not None and not kwargs:
-                samples.update(args)
+    try:
+        with torch.no_grad():
+            for batches, batch in enumerate(tqdm(data, total=total, desc="calibrating", disable=not progress), 1):
+                args, kwargs = as_model_inputs(batch)
+                _check_finite(args, kwargs, batches - 1)
+                gm(*args, **kwargs)
+                if samples is not None and not kwargs:
+                    samples.update(args)
+    finally:
+        release_scratch()
     if batches == 0:
         raise ValueError(
             "calibration_data yielded no batches; pass an iterable or DataLoader of representative model inputs "

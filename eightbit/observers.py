@@ -171,6 +171,11 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, fill: int | None = None) 
     return _scratch[name][:numel]
 
 
+def release_scratch() -> None:
+    """Free the histogram scratch buffers (~80 MB at most) once a calibration pass is over."""
+    _scratch.clear()
+
+
 def bin_counts(x: torch.Tensor, lo: float, width: float, bins: int) -> torch.Tensor:
     """Counts of the float32 values `x` (1-D, all within [lo, lo + bins * width]) in `bins` equal bins, as
     float64; the top edge belongs to the last bin, as in `torch.histc`.

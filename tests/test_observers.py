@@ -92,3 +92,13 @@ def test_bin_counts_agree_with_histc(monkeypatch, chunk, numel):
     assert float(got.sum()) == numel
     # Only values within float rounding of a bin edge may land in the neighbouring bin.
     assert float((got - want).abs().sum()) <= 2 + numel * 1e-4
+
+
+def test_calibration_frees_the_histogram_scratch_buffers():
+    import eightbit.observers as observers
+    from eightbit import QuantConfig, quantize
+    from tests.helpers import ResidualNet, calibration_batches
+
+    config = QuantConfig(activations=uint8_activations(method="kl"))
+    quantize(ResidualNet().eval(), calibration_batches(), config=config, progress=False)
+    assert observers._scratch == {}
