@@ -53,6 +53,7 @@ def _recorded_meta(gm: fx.GraphModule, example_args: tuple) -> dict | None:
         elif (
             node.target in (ops.QUANTIZE, ops.DEQUANTIZE)
             and isinstance(meta.get(node.args[0]), torch.Tensor)
+            and isinstance(node.args[2], fx.Node)
             and node.args[2].op == "get_attr"
         ):
             dtype = _attr(gm, node.args[2].target).dtype if node.target == ops.QUANTIZE else torch.float32
@@ -147,9 +148,11 @@ def _recorded_shapes(gm, em: Emitter, placeholders, dynamic_axes: tuple, skip: s
                 names[str(val.shape[axis].node.expr)] = name
     infos, seen = [], set(skip) | {n.name for n in placeholders}
     for node in gm.graph.nodes:
-        val, name = node.meta.get("val"), em.names.get(node)
+        val, name, known = node.meta.get("val"), em.names.get(node), em.meta.get(node)
         if node.op != "call_function" or not isinstance(val, torch.Tensor) or name is None or name in seen:
             continue
+        if not isinstance(known, torch.Tensor) or (known.dtype, known.dim()) != (val.dtype, val.dim()):
+            continue  # a node that a transform rewrote after capture: leave its shape to inference
         seen.add(name)
         dims = [s if isinstance(s, int) else names.get(str(s.node.expr), str(s.node.expr)) for s in val.shape]
         infos.append(helper.make_tensor_value_info(name, _onnx_dtype(val.dtype), dims))
