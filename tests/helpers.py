@@ -57,3 +57,21 @@ class ConcatNet(nn.Module):
 def calibration_batches(n: int = 4, batch: int = 8, size: int = 16):
     g = torch.Generator().manual_seed(1)
     return [torch.randn(batch, 3, size, size, generator=g) for _ in range(n)]
+
+
+def tiny_bert_encoder(vocab_size: int = 120, *, pooling_layer: bool = False):
+    """A seeded, randomly initialised 2-layer BERT (hidden 32, 2 heads) inside a `SentenceEncoder`."""
+    import transformers
+
+    from eightbit.text import SentenceEncoder
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=pooling_layer)).eval()

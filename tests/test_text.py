@@ -24,20 +24,12 @@ from eightbit.text import (  # noqa: E402
     sentiment_splits,
     token_batches,
 )
+from tests.helpers import tiny_bert_encoder  # noqa: E402
 
 
 @pytest.fixture
 def encoder():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return SentenceEncoder(transformers.BertModel(config)).eval()
+    return tiny_bert_encoder(vocab_size=100, pooling_layer=True)
 
 
 def _batch(lengths, seq_len=None):

@@ -16,21 +16,13 @@ from eightbit.api import _prepare, _smooth  # noqa: E402
 from eightbit.config import OpKind, QuantConfig, SmoothQuant  # noqa: E402
 from eightbit.runtime import Backend, load  # noqa: E402
 from eightbit.text import SentenceEncoder  # noqa: E402
+from tests.helpers import tiny_bert_encoder  # noqa: E402
 
 CONFIG = QuantConfig(smooth_quant=SmoothQuant(alphas=(0.5, 0.8), search_batches=2))
 
 
 def _encoder():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=False)).eval()
+    return tiny_bert_encoder()
 
 
 def _batch(lengths, seq_len=None, seed=0):

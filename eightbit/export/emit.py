@@ -17,7 +17,8 @@ from torch import fx
 
 from eightbit import ops
 from eightbit.export import handlers_nn, handlers_tensor  # noqa: F401  (they fill HANDLERS)
-from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _attr, _onnx_dtype, aten
+from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _onnx_dtype, aten
+from eightbit.transforms.graph_utils import attr_value
 
 __all__ = ["HANDLERS", "Unsupported", "emit_model"]
 
@@ -47,16 +48,15 @@ def _recorded_meta(gm: fx.GraphModule, example_args: tuple) -> dict | None:
                 meta[node] = torch.empty(value.shape, dtype=value.dtype, device="meta")
                 continue
         elif node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = attr_value(gm, node)
         elif node.op == "output" or (node.op == "call_module" and str(node.target).startswith("_guards")):
             continue
         elif (
             node.target in (ops.QUANTIZE, ops.DEQUANTIZE)
             and isinstance(meta.get(node.args[0]), torch.Tensor)
-            and isinstance(node.args[2], fx.Node)
-            and node.args[2].op == "get_attr"
+            and attr_value(gm, node.args[2]) is not None
         ):
-            dtype = _attr(gm, node.args[2].target).dtype if node.target == ops.QUANTIZE else torch.float32
+            dtype = attr_value(gm, node.args[2]).dtype if node.target == ops.QUANTIZE else torch.float32
             value = torch.empty((0,) * meta[node.args[0]].dim(), dtype=dtype)
         else:
             value = node.meta.get("val")
@@ -111,7 +111,7 @@ def emit_model(
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             if node.target not in initializer_of:
-                value = _attr(gm, node.target)
+                value = attr_value(gm, node)
                 if not isinstance(value, torch.Tensor):
                     raise Unsupported(f"get_attr of a {type(value).__name__}")
                 name = node.target.replace(".", "_")

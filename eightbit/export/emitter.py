@@ -110,10 +110,3 @@ def _np_dtype(dtype: torch.dtype):
 
 def _onnx_dtype(dtype: torch.dtype) -> int:
     return helper.np_dtype_to_tensor_dtype(_np_dtype(dtype))
-
-
-def _attr(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -8,7 +8,8 @@ from onnx import TensorProto
 from torch import fx
 
 from eightbit import ops
-from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _arg, _attr, _np_dtype, aten, handles
+from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _arg, _np_dtype, aten, handles
+from eightbit.transforms.graph_utils import attr_value
 
 # ------------------------------------------------------------------------------------------- quantization
 
@@ -41,9 +42,10 @@ def _axis(scale: torch.Tensor, axis: int) -> dict:
 
 
 def _constant(em: Emitter, arg) -> torch.Tensor:
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+    value = attr_value(em.gm, arg)
+    if value is None:
         raise Unsupported("quantization parameters that are not constants")
-    return _attr(em.gm, arg.target)
+    return value
 
 
 @handles(ops.ROUND_FP16)
@@ -105,38 +107,35 @@ def _matmul(em: Emitter, node: fx.Node) -> str:
     return em.add("MatMul", [em.value(a) for a in node.args[:2]], "matmul")
 
 
+def _pool_window(node: fx.Node, padding_index: int) -> dict:
+    """kernel_shape, strides and pads of a 2-D pooling node (an empty stride means the kernel size)."""
+    kernel = node.args[1]
+    stride = _arg(node, 2, "stride", []) or kernel
+    pads = _per_dim(_arg(node, padding_index, "padding", 0), 2)
+    return {"kernel_shape": _per_dim(kernel, 2), "strides": _per_dim(stride, 2), "pads": pads + pads}
+
+
 @handles(aten.max_pool2d.default)
 def _max_pool(em: Emitter, node: fx.Node) -> str:
-    x, kernel = node.args[:2]
-    stride = _arg(node, 2, "stride", []) or kernel
-    padding, dilation = _arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1)
-    pads = _per_dim(padding, 2)
     return em.add(
         "MaxPool",
-        [em.value(x)],
+        [em.value(node.args[0])],
         "maxpool",
-        kernel_shape=_per_dim(kernel, 2),
-        strides=_per_dim(stride, 2),
-        pads=pads + pads,
-        dilations=_per_dim(dilation, 2),
+        **_pool_window(node, 3),
+        dilations=_per_dim(_arg(node, 4, "dilation", 1), 2),
         ceil_mode=int(bool(_arg(node, 5, "ceil_mode", False))),
     )
 
 
 @handles(aten.avg_pool2d.default)
 def _avg_pool(em: Emitter, node: fx.Node) -> str:
-    x, kernel = node.args[:2]
-    stride = _arg(node, 2, "stride", []) or kernel
-    pads = _per_dim(_arg(node, 3, "padding", 0), 2)
     if _arg(node, 6, "divisor_override") is not None:
         raise Unsupported("avg_pool2d divisor_override")
     return em.add(
         "AveragePool",
-        [em.value(x)],
+        [em.value(node.args[0])],
         "avgpool",
-        kernel_shape=_per_dim(kernel, 2),
-        strides=_per_dim(stride, 2),
-        pads=pads + pads,
+        **_pool_window(node, 3),
         ceil_mode=int(bool(_arg(node, 4, "ceil_mode", False))),
         count_include_pad=int(bool(_arg(node, 5, "count_include_pad", True))),
     )
