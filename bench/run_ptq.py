@@ -33,9 +33,9 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `eightbit` im
 
 from bench.models import BenchModel, build  # noqa: E402
 from bench.peers import Peer, quantize_peer  # noqa: E402
-from eightbit.benchmark import time_interleaved  # noqa: E402
 from eightbit.export.onnx import export_float  # noqa: E402
-from eightbit.runtime import Backend, RuntimeOptions, load  # noqa: E402
+from eightbit.runtime.backends import Backend, RuntimeOptions, load  # noqa: E402
+from eightbit.runtime.benchmark import time_interleaved  # noqa: E402
 
 THREADS = 2
 BATCH_THROUGHPUT = 32
@@ -107,9 +107,9 @@ def _load_model(name: str) -> torch.nn.Module | None:
     if name != EFFICIENTNET:
         return build(BenchModel(name))
     try:
-        from eightbit.zoo import efficientnet_lite0
+        from eightbit.demos.zoo import efficientnet_lite0
     except ImportError as e:
-        print(f"skipping {EFFICIENTNET}: eightbit.zoo.efficientnet_lite0 unavailable ({e})")
+        print(f"skipping {EFFICIENTNET}: eightbit.demos.zoo.efficientnet_lite0 unavailable ({e})")
         return None
     try:
         return efficientnet_lite0().eval()

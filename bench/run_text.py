@@ -28,10 +28,11 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `eightbit` im
 from bench.peers import Peer, ort_optimized_fp32, quantize_peer  # noqa: E402
 from eightbit import text  # noqa: E402
 from eightbit.api import quantize  # noqa: E402
-from eightbit.benchmark import time_interleaved  # noqa: E402
 from eightbit.config import QuantConfig, SmoothQuant  # noqa: E402
+from eightbit.demos import reviews, zoo  # noqa: E402
 from eightbit.export.onnx import export_float  # noqa: E402
-from eightbit.runtime import Backend, RuntimeOptions, load  # noqa: E402
+from eightbit.runtime.backends import Backend, RuntimeOptions, load  # noqa: E402
+from eightbit.runtime.benchmark import time_interleaved  # noqa: E402
 
 SEQ = 128
 THREADS = 2
@@ -41,7 +42,7 @@ INPUTS = ("input_ids", "attention_mask")
 def build(name: str) -> torch.nn.Module:
     """The fp32 sentence encoder for `name`."""
     if name == "minilm":
-        _, bert = text.load_minilm()
+        _, bert = zoo.load_minilm()
     elif name == "bert_base":
         from transformers import BertConfig, BertModel
 
@@ -62,8 +63,8 @@ def feeds(batch: int, vocab: int = 30000, seed: int = 0) -> dict[str, np.ndarray
 def variants(name: str, calib_n: int, work: Path) -> dict[str, Path]:
     """Model files per variant label."""
     model = build(name)
-    tokenizer, _ = text.load_minilm()  # BERT-base and MiniLM share the uncased WordPiece vocabulary
-    splits = text.sentiment_splits(text.movie_review_sentences(), n_calib=calib_n)
+    tokenizer, _ = zoo.load_minilm()  # BERT-base and MiniLM share the uncased WordPiece vocabulary
+    splits = reviews.sentiment_splits(reviews.movie_review_sentences(), n_calib=calib_n)
     batches = text.token_batches(tokenizer, splits.calib_texts, batch_size=16, max_length=SEQ)
     example = tuple(batches[0][k] for k in INPUTS)
     paths = {"fp32": export_float(model, example, work / f"{name}_fp32.onnx", input_names=INPUTS, overwrite=True)}

@@ -1,8 +1,6 @@
 """eightbit: PyTorch models to int8 that really run faster, keep their accuracy, and explain themselves."""
 
-from eightbit import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
-from eightbit.capture import CaptureError
 from eightbit.config import (
     Granularity,
     OpKind,
@@ -12,6 +10,8 @@ from eightbit.config import (
     int8_weights,
     uint8_activations,
 )
+from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
+from eightbit.graph.capture import CaptureError
 
 __all__ = [
     "Calibration",

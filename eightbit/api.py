@@ -13,20 +13,21 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from eightbit import hw
-from eightbit.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
-from eightbit.capture import Captured, _with_batch, capture
+from eightbit.calibration.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
+from eightbit.calibration.encodings import Encoding, activation_encodings
+from eightbit.calibration.methods import lookup_method
+from eightbit.calibration.observers import InputSamples, Observer, Statistic
+from eightbit.calibration.refine import output_aware_ranges
 from eightbit.config import QuantConfig, Scheme, overflow_fix_active
-from eightbit.convert import Encoding, activation_encodings, convert
+from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
-from eightbit.methods import lookup_method
-from eightbit.observers import InputSamples, Observer, Statistic
-from eightbit.placement import Placement, place
-from eightbit.refine import output_aware_ranges
-from eightbit.transforms import fold_batchnorm, fuse_pad_into_conv
-from eightbit.transforms.attention import decompose_attention
-from eightbit.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
+from eightbit.graph.capture import Captured, _with_batch, capture
+from eightbit.graph.placement import Placement, place
+from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv
+from eightbit.graph.transforms.attention import decompose_attention
+from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
+from eightbit.runtime import hw
 
 ENCODINGS_VERSION = 1
 

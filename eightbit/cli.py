@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from eightbit.capture import CaptureError
 from eightbit.data import Normalization
+from eightbit.graph.capture import CaptureError
 
 
 def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
@@ -98,7 +98,7 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from eightbit.compare import compare_methods, format_results
+    from eightbit.analysis.compare import compare_methods, format_results
 
     config = _config(args)
     model, program_shape = _load_model(args.model)
@@ -131,13 +131,13 @@ class _Reiterable:
 
 
 def _cmd_bench(args) -> int:
-    from eightbit.bench_cli import bench_cli
+    from eightbit.runtime.cli import bench_cli
 
     return bench_cli(args)
 
 
 def _model_and_data_args(p: argparse.ArgumentParser) -> None:
-    from eightbit.methods import METHODS
+    from eightbit.calibration.methods import METHODS
 
     p.add_argument("model", help="package.module:factory (a callable returning an nn.Module) or a .pt2 program")
     p.add_argument("--calib", required=True, help="folder of calibration images, .npy or .pt files")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from eightbit.methods import METHODS, lookup_method
+from eightbit.calibration.methods import METHODS, lookup_method
 
 
 class Granularity(enum.Enum):
@@ -64,7 +64,7 @@ class QuantSpec:
     signed: int8-style range instead of uint8-style.
     channel_axis: the per-channel axis; None means 0 (output channels) for weights, 1 for activations.
     narrow_range: drop the most negative code so the range is symmetric ([-127, 127] for int8).
-    method: calibration method name, a key of `eightbit.methods.METHODS`.
+    method: calibration method name, a key of `eightbit.calibration.methods.METHODS`.
     power_of_two: round scales to powers of two (shift-only NPUs); exported as ordinary Q/DQ.
     scheme: UNIFORM (default), or LOG2 / FP16 simulated for study (see Scheme).
     percentile: the upper percentile kept by the `percentile` method.
@@ -128,7 +128,7 @@ def uint8_activations(**overrides) -> QuantSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuant:
-    """SmoothQuant settings (see `eightbit.transforms.smooth_quant`).
+    """SmoothQuant settings (see `eightbit.graph.transforms.smooth_quant`).
 
     alphas: migration strength(s) in [0, 1].  One value is used as is; with several, each is tried on the first
         `search_batches` calibration batches and the one with the lowest output error against fp32 is kept.

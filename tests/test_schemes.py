@@ -6,7 +6,7 @@ import torch
 
 from eightbit import QuantConfig, int8_weights, qmath, quantize, uint8_activations
 from eightbit.config import Scheme
-from eightbit.runtime import Backend, load
+from eightbit.runtime.backends import Backend, load
 from tests.helpers import DepthwiseNet, calibration_batches
 
 

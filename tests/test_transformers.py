@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from eightbit import quantize  # noqa: E402
 from eightbit.api import _prepare, _smooth  # noqa: E402
 from eightbit.config import OpKind, QuantConfig, SmoothQuant  # noqa: E402
-from eightbit.runtime import Backend, load  # noqa: E402
+from eightbit.runtime.backends import Backend, load  # noqa: E402
 from eightbit.text import SentenceEncoder  # noqa: E402
 from tests.helpers import tiny_bert_encoder  # noqa: E402
 

@@ -15,10 +15,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch import fx
 
-from eightbit import ops
 from eightbit.export import handlers_nn, handlers_tensor  # noqa: F401  (they fill HANDLERS)
 from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _onnx_dtype, aten
-from eightbit.transforms.graph_utils import attr_value
+from eightbit.graph import ops
+from eightbit.graph.utils import attr_value
 
 __all__ = ["HANDLERS", "Unsupported", "emit_model"]
 

@@ -7,9 +7,9 @@ import torch
 from onnx import TensorProto
 from torch import fx
 
-from eightbit import ops
 from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _arg, _np_dtype, aten, handles
-from eightbit.transforms.graph_utils import attr_value
+from eightbit.graph import ops
+from eightbit.graph.utils import attr_value
 
 # ------------------------------------------------------------------------------------------- quantization
 

@@ -2,7 +2,7 @@
 
 The converted FX graph is written directly by `eightbit.export.emit` (one handler per ATen op).  A graph with
 an op it has no handler for is re-captured with `torch.export` and handed to the dynamo ONNX exporter, with
-the Q/DQ handlers in `eightbit.ops`.  Every export is checked: ONNX Runtime runs the file and its outputs are
+the Q/DQ handlers in `eightbit.graph.ops`.  Every export is checked: ONNX Runtime runs the file and its outputs are
 compared with the PyTorch simulation, in quantization steps.
 """
 
@@ -20,9 +20,9 @@ import onnx
 import torch
 from torch import fx
 
-from eightbit import ops
 from eightbit.export.emit import Unsupported, emit_model
 from eightbit.fileio import atomic_path
+from eightbit.graph import ops
 
 DEFAULT_OPSET = 20
 DIRECT = "eightbit"  # eightbit.export.emit: one handler per ATen op, no re-capture
@@ -85,7 +85,7 @@ def to_onnx_model(
     gm: fx.GraphModule, example_args: tuple, *, input_names, dynamic_axes: tuple, opset: int
 ) -> tuple[onnx.ModelProto, str]:
     """The ONNX ModelProto of a converted graph and the exporter that wrote it; `dynamic_axes` as in
-    `eightbit.capture.DynamicAxes`.  Graphs whose every op has a direct handler are emitted directly;
+    `eightbit.graph.capture.DynamicAxes`.  Graphs whose every op has a direct handler are emitted directly;
     others go through the dynamo exporter (~10 s more on a ResNet-50)."""
     try:
         return emit_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset), DIRECT
@@ -97,7 +97,7 @@ def to_onnx_model(
 
 
 def _dynamo_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynamic_axes: tuple, opset: int):
-    from eightbit.capture import export_dynamic_shapes
+    from eightbit.graph.capture import export_dynamic_shapes
 
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -147,7 +147,7 @@ def export_float(
 ) -> Path:
     """The float model as ONNX with a dynamic batch axis, through the same exporter as the int8 model (the fp32
     reference for accuracy and speed comparisons).  Written atomically."""
-    from eightbit.capture import _with_batch, default_dynamic_axes
+    from eightbit.graph.capture import _with_batch, default_dynamic_axes
 
     example = _with_batch(tuple(example_args), 2)  # export specialises a batch of 1
     axes = default_dynamic_axes(example)

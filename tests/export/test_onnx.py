@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eightbit import QuantConfig, quantize
-from eightbit.runtime import Backend, load
+from eightbit.runtime.backends import Backend, load
 from tests.helpers import ConcatNet, DepthwiseNet, ResidualNet, calibration_batches
 
 MODELS = {"residual": ResidualNet, "depthwise": DepthwiseNet, "concat": ConcatNet}

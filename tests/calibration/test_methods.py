@@ -1,0 +1,220 @@
+"""Each calibration method against an answer computed independently here."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from eightbit import QuantConfig, int8_weights, qmath, quantize, uint8_activations
+from eightbit.calibration.methods import (
+    METHODS,
+    admm_scale,
+    ema_range,
+    kl_range,
+    kl_threshold,
+    mse_range,
+    power_of_two,
+    weight_admm,
+    weight_mse,
+)
+from eightbit.calibration.observers import Observer, Statistic
+from tests.helpers import DepthwiseNet, calibration_batches
+
+
+def _observe(spec, *batches):
+    obs = Observer(spec, None, "t", needs=METHODS[spec.method].needs)
+    for b in batches:
+        obs(b)
+    return obs
+
+
+def _fq_mse(x: torch.Tensor, lo: float, hi: float, spec) -> float:
+    scale, zp = qmath.qparams_from_range(
+        torch.tensor(lo), torch.tensor(hi), qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric
+    )
+    return float(((qmath.fake_quantize(x, scale, zp, spec.qmin, spec.qmax) - x) ** 2).mean())
+
+
+def test_mse_matches_brute_force_clip_of_laplace_sample():
+    x = torch.distributions.Laplace(0.0, 1.0).sample((200_000,))
+    spec = int8_weights(bits=4, granularity=__import__("eightbit").Granularity.PER_TENSOR, method="mse")
+    lo, hi = mse_range(_observe(spec, x).stats, spec)
+    bound = float(x.abs().max())
+    grid = np.linspace(0.05 * bound, bound, 400)
+    errors = [_fq_mse(x, -c, c, spec) for c in grid]
+    best = grid[int(np.argmin(errors))]
+    # The histogram method lands near the brute-force optimum and is nearly as good.
+    assert abs(float(hi) - best) < 0.1 * best
+    assert _fq_mse(x, float(lo), float(hi), spec) <= 1.05 * min(errors)
+    assert _fq_mse(x, float(lo), float(hi), spec) < 0.5 * _fq_mse(x, -bound, bound, spec)
+
+
+def _reference_kl_threshold(counts: np.ndarray, levels: int) -> int:
+    """Straightforward TensorRT entropy calibration, written independently of eightbit's version."""
+    best, best_kl = len(counts), math.inf
+    for i in range(levels, len(counts) + 1):
+        p = counts[:i].astype(np.float64).copy()
+        p[-1] += counts[i:].sum()
+        q = np.zeros(i)
+        merged = i // levels  # MXNet's reference: equal groups, the remainder joins the last one
+        edges = [j * merged for j in range(levels)] + [i]
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            chunk = counts[a:b]
+            nz = chunk > 0
+            if nz.any():
+                q[a:b][nz] = chunk.sum() / nz.sum()
+        if q.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        m = p > 0
+        kl = float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
+        if kl < best_kl:
+            best, best_kl = i, kl
+    return best
+
+
+def test_kl_threshold_matches_reference_on_small_histogram():
+    rng = np.random.default_rng(0)
+    counts = np.round(rng.exponential(50, 64) * np.exp(-np.arange(64) / 12)).astype(np.int64)
+    counts[60] += 3  # a few outliers
+    assert kl_threshold(torch.tensor(counts), levels=8) == _reference_kl_threshold(counts, 8)
+
+
+def test_kl_clips_outliers_of_relu_like_data():
+    x = torch.cat([torch.rand(100_000).pow(3), torch.tensor([20.0])])  # mass in [0, 1], one outlier at 20
+    spec = uint8_activations(method="kl")
+    lo, hi = kl_range(_observe(spec, x).stats, spec)
+    # 256 levels on a 2048-bin histogram cannot clip below 256 bins (2.5): the outlier is clipped that far.
+    assert abs(float(lo)) < 1e-6 and float(hi) < 3.0
+
+
+def test_ema_follows_the_moving_average_formula():
+    spec = uint8_activations(method="ema")
+    batches = [torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 4.0]), torch.tensor([0.0, 1.0])]
+    lo, hi = ema_range(_observe(spec, *batches).stats, spec)
+    want_hi = 0.9 * (0.9 * 2.0 + 0.1 * 4.0) + 0.1 * 1.0
+    want_lo = 0.9 * (0.9 * -1.0 + 0.1 * -3.0) + 0.1 * 0.0
+    assert abs(float(hi) - want_hi) < 1e-6 and abs(float(lo) - want_lo) < 1e-6
+
+
+def test_admm_scale_is_a_fixed_point_and_beats_minmax():
+    w = torch.randn(16, 64)
+    scale = admm_scale(w, -127, 127)
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127)
+    assert torch.allclose(scale, (w * q).sum(1) / (q * q).sum(1), rtol=1e-5)
+    spec = int8_weights(method="admm", bits=4)
+    lo, hi = weight_admm(w, spec, 0)
+    minmax_err = _per_row_err(w, w.abs().amax(1), spec)
+    assert torch.equal(-lo, hi)
+    assert (_per_row_err(w, hi, spec) <= minmax_err + 1e-9).all()
+
+
+def _per_row_err(w, bound, spec):
+    scale, zp = qmath.qparams_from_range(-bound, bound, qmin=spec.qmin, qmax=spec.qmax, symmetric=True)
+    return ((qmath.fake_quantize(w, scale, zp, spec.qmin, spec.qmax, axis=0) - w) ** 2).sum(1)
+
+
+def test_weight_mse_is_no_worse_than_minmax_per_channel():
+    w = torch.distributions.Laplace(0.0, 1.0).sample((8, 256))
+    spec = int8_weights(method="mse", bits=4)
+    lo, hi = weight_mse(w, spec, 0)
+    assert (_per_row_err(w, torch.maximum(-lo, hi), spec) <= _per_row_err(w, w.abs().amax(1), spec) + 1e-9).all()
+
+
+def test_power_of_two_scales_pick_the_better_neighbour():
+    spec = uint8_activations(power_of_two=True)
+    lo, hi = torch.tensor(0.0), torch.tensor(3.0)
+    scale, zp = qmath.qparams_from_range(lo, hi, qmin=0, qmax=255, symmetric=False)
+    s, z = power_of_two(lo, hi, scale, zp, spec)
+    assert float(s) == 2.0 ** math.ceil(math.log2(3.0 / 255))
+    x = torch.rand(10_000) * 2.0  # data well inside the range: the finer (floor) scale is better
+    err = lambda s, z: ((qmath.fake_quantize(x, s, z, 0, 255) - x) ** 2).sum().reshape(1)  # noqa: E731
+    s2, _ = power_of_two(lo, hi, scale, zp, spec, err)
+    assert float(s2) == 2.0 ** math.floor(math.log2(3.0 / 255))
+
+
+@pytest.mark.parametrize(
+    "act_method, weight_method", [("kl", "minmax"), ("mse", "mse"), ("ema", "admm"), ("percentile", "percentile")]
+)
+def test_methods_run_end_to_end(act_method, weight_method):
+    config = QuantConfig(activations=uint8_activations(method=act_method), weights=int8_weights(method=weight_method))
+    model = DepthwiseNet().eval()
+    qm = quantize(model, calibration_batches(), config=config, progress=False)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(model(x), qm(x)).min() > 0.95
+
+
+def test_pow2_model_exports_and_runs_on_both_runtimes(tmp_path):
+    from eightbit.runtime.backends import Backend, load
+
+    config = QuantConfig(
+        activations=uint8_activations(method="mse", power_of_two=True), weights=int8_weights(power_of_two=True)
+    )
+    qm = quantize(DepthwiseNet().eval(), calibration_batches(), config=config, progress=False)
+    scales = [s for e in [*qm.activation_encodings.values(), *qm.weight_encodings.values()] for s in e.scale]
+    assert all(math.log2(s) == round(math.log2(s)) for s in scales)
+    path = tmp_path / "pow2.onnx"
+    assert qm.export_onnx(path).parity.max_steps < 3
+    x = torch.randn(2, 3, 16, 16)
+    want = qm(x).detach().numpy()
+    for backend in (Backend.ORT, Backend.OPENVINO):
+        runner = load(path, backend)
+        got = runner.run({runner.input_names[0]: x.numpy()})[0]
+        assert np.abs(got - want).max() <= 3 * (want.max() - want.min()) / 255
+
+
+def test_role_checks_name_the_valid_methods():
+    with pytest.raises(ValueError, match="for activations only"):
+        QuantConfig(weights=int8_weights(method="kl"))
+    with pytest.raises(ValueError, match="for weights only"):
+        QuantConfig(activations=uint8_activations(method="admm"))
+    assert Statistic.HISTOGRAM in METHODS["kl"].needs
+
+
+def test_output_aware_methods_declare_their_samples():
+    eq, ce = METHODS["eq"], METHODS["cross_entropy"]
+    assert eq.output_aware and ce.output_aware and not METHODS["mse"].output_aware
+    assert Statistic.INPUT_SAMPLES in eq.needs and Statistic.HISTOGRAM in ce.needs  # ce starts from mse
+    assert eq.activation_range is not None and eq.weight_range is not None and ce.weight_range is None
+
+
+def test_kl_after_histogram_growth_keeps_uniform_data_unclipped():
+    # The second batch doubles the range, halving the histogram's resolution over the data; KL must search at
+    # that resolution (re-binning finer created empty-bin combs and absurd clips: regression test).
+    spec = uint8_activations(method="kl")
+    torch.manual_seed(0)
+    obs = _observe(spec, torch.rand(50_000) * 3, torch.rand(50_000) * 6, torch.rand(50_000) * 6)
+    lo, hi = kl_range(obs.stats, spec)
+    assert float(hi) > 4.5
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kl_threshold_matches_reference_on_random_histograms_with_empty_bins(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(25):
+        bins, levels = int(rng.integers(20, 160)), int(rng.integers(2, 12))
+        counts = np.round(rng.exponential(50, bins) * np.exp(-np.arange(bins) / rng.uniform(3, 40))).astype(np.int64)
+        counts[rng.random(bins) < 0.2] = 0  # empty bins, and exact ties between thresholds past the data
+        if counts.sum() == 0:
+            continue
+        assert kl_threshold(torch.tensor(counts), levels) == _reference_kl_threshold(counts, levels)
+
+
+def test_kl_histogram_resolution_follows_the_bit_width():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            -torch.log(torch.rand(200000, generator=g)) * torch.sign(torch.randn(200000, generator=g)),
+            torch.tensor([40.0]),
+        ]
+    )  # Laplace(0, 1) and one far outlier
+    thresholds = []
+    for bits in (8, 12):
+        spec = uint8_activations(method="kl", bits=bits, signed=True, symmetric=True)
+        obs = _observe(spec, x)
+        assert obs.stats[Statistic.HISTOGRAM].bins == {8: 2048, 12: 32768}[bits]
+        thresholds.append(float(kl_range(obs.stats, spec)[1]))
+    # Both clip the lone outlier and keep the body (P(|x| > 6) is 0.25% for Laplace(0, 1)).
+    assert all(6.0 < t < 40.0 for t in thresholds)
