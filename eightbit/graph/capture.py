@@ -93,6 +93,7 @@ def capture(model: nn.Module, example_args: tuple) -> Captured:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
+    _check_runs(model, tuple(example_args))
     errors = []
     # A batch of 1 would be specialised by export, so the dynamic attempts use a batch of 2; the static
     # fallback keeps the example's own batch size (a saved program may only accept that one).
@@ -111,6 +112,23 @@ def capture(model: nn.Module, example_args: tuple) -> Captured:
             _raise_if_data_dependent(exc)
             errors.append(exc)
     return _capture_make_fx(model, tuple(example_args), errors[-1])
+
+
+def _check_runs(model: nn.Module, args: tuple) -> None:
+    """Run the model once in float: an input it cannot take is the input's fault, not the tracer's."""
+    try:
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:
+        shapes = ", ".join(
+            f"{list(a.shape)} {str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor) else type(a).__name__
+            for a in args
+        )
+        raise CaptureError(
+            f"the model fails on the example inputs ({len(args)} positional: {shapes}) before any capture: "
+            f"{_first_line(exc)}. Check the number, shape and dtype of the inputs each calibration batch gives "
+            "forward(); if your batches carry labels too, select the inputs."
+        ) from exc
 
 
 def _capture_make_fx(model: nn.Module, args: tuple, export_error: Exception) -> Captured:
