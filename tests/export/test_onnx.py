@@ -109,3 +109,60 @@ def test_four_bit_activations_are_clamped_in_onnx(tmp_path):
         progress=False,
     )
     assert qm.export_onnx(tmp_path / "a4.onnx").parity.max_steps < 3
+
+
+def _scale_last_output_dq(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """Corrupt a file the way a wrong scale would: the last activation DequantizeLinear reads `factor` x its scale."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits][-1]
+    scale = numpy_helper.to_array(inits[dq.input[1]]) * factor
+    model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "broken_scale"))
+    dq.input[1] = "broken_scale"
+    return model
+
+
+@pytest.fixture()
+def broken_scale(monkeypatch):
+    """Exports write a file whose last activation scale is 10x too large."""
+    import eightbit.export.onnx as export
+
+    original = export.to_onnx_model
+
+    def corrupted(*args, **kwargs):
+        model, exporter = original(*args, **kwargs)
+        return _scale_last_output_dq(model, 10.0), exporter
+
+    monkeypatch.setattr(export, "to_onnx_model", corrupted)
+
+
+@pytest.fixture()
+def add_emitted_as_sub(monkeypatch):
+    """A handler with the wrong semantics: aten.add is written as ONNX Sub."""
+    from eightbit.export import handlers_nn
+
+    monkeypatch.setitem(handlers_nn._BINARY, torch.ops.aten.add.Tensor, "Sub")
+
+
+@pytest.mark.parametrize("breakage", ["broken_scale", "add_emitted_as_sub"])
+def test_a_broken_export_raises_with_the_report_and_leaves_files_alone(breakage, request, tmp_path):
+    from eightbit import ParityError
+
+    qm = quantize(ResidualNet().eval(), calibration_batches(), progress=False)
+    request.getfixturevalue(breakage)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"the user's earlier model")
+    with pytest.raises(ParityError, match="check=False") as caught:
+        qm.export_onnx(target, overwrite=True)
+    assert caught.value.report.max_steps > 16
+    assert str(caught.value.report) in str(caught.value)
+    assert target.read_bytes() == b"the user's earlier model"  # the broken file never replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    report = qm.export_onnx(target, overwrite=True, check=False)  # the way out: written, not checked
+    assert report.parity is None and onnx.load(target).graph.node
+
+
+def test_parity_report_of_a_healthy_export_passes(exported):
+    _, _, _, report = exported
+    assert report.parity.passed and report.parity.relative_error < 0.01
