@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from eightbit import fileio
 from eightbit.fileio import atomic_path, check_output_path
 
 
@@ -64,8 +65,11 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path):
 
 
 _KILLED_WRITER = """
-import os, signal, sys
-from eightbit.fileio import atomic_path
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("fileio", {fileio!r})  # without eightbit's heavy imports
+fileio = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fileio)
+atomic_path = fileio.atomic_path
 with atomic_path(sys.argv[1], overwrite=True) as tmp:
     tmp.write_bytes(b"half a model")
     {action}
@@ -73,9 +77,8 @@ with atomic_path(sys.argv[1], overwrite=True) as tmp:
 
 
 def _writer(target, action: str) -> subprocess.Popen:
-    code = textwrap.dedent(_KILLED_WRITER.format(action=action))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, "-c", code, str(target)], env=env, stdin=subprocess.PIPE)
+    code = textwrap.dedent(_KILLED_WRITER.format(action=action, fileio=fileio.__file__))
+    return subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE)
 
 
 def test_temporary_files_of_a_killed_write_are_removed_on_the_next_write(tmp_path):
