@@ -202,7 +202,7 @@ def failing_parity(monkeypatch):
     """ONNX Runtime disagrees with the simulation by 500 steps."""
     import eightbit.export.onnx as export
 
-    monkeypatch.setattr(export, "check_parity", lambda *a: export.ParityReport(9.0, 500.0, 0.9, 0.5))
+    monkeypatch.setattr(export, "check_parity", lambda *a: export.ParityReport(9.0, 500.0, 0.9))
 
 
 def test_parity_failure_exits_non_zero_and_keeps_the_users_files(npy_folder, tmp_path, capsys, failing_parity):

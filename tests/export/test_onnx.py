@@ -165,4 +165,21 @@ def test_a_broken_export_raises_with_the_report_and_leaves_files_alone(breakage,
 
 def test_parity_report_of_a_healthy_export_passes(exported):
     _, _, _, report = exported
-    assert report.parity.passed and report.parity.relative_error < 0.01
+    assert report.parity.passed and report.parity.max_steps < 3
+
+
+@pytest.mark.parametrize(
+    "got, want, steps",
+    [
+        ([1.0, 1.0], [1.0, 1.0 + 1e-7], 0.0),  # a constant output has a step: 1/255, not 1e-12
+        ([2.0, 3.0 + 3 / 255], [2.0, 3.0], 1.0),  # one-sided outputs: the step spans 0..max, as the ranges do
+        ([float("nan"), 1.0], [float("nan"), 1.0], 0.0),  # NaN in both at the same place agrees
+        ([float("nan"), 1.0], [0.5, 1.0], float("inf")),  # NaN from the runtime only never passes
+        ([[1.0, 2.0]], [1.0, 2.0], float("inf")),  # different shapes never pass
+    ],
+)
+def test_parity_steps_of_degenerate_outputs(got, want, steps):
+    from eightbit.export.onnx import _diff_and_step
+
+    diff, step = _diff_and_step(np.array(got), np.array(want))
+    assert float(diff.max(initial=0.0)) / step == pytest.approx(steps, abs=1e-3)
