@@ -156,6 +156,7 @@ def _cmd_compare(args) -> int:
     evaluation = torch.cat(list(_batches(args, args.eval, program_shape)))
     example = torch.zeros(program_shape) if program_shape else None
     calibration = _batches(args, args.calib, program_shape)
+    _check_model_accepts(model, calibration, program_shape, args.calib)
     if example is not None:
         from eightbit.api import calibrate
 

@@ -183,3 +183,17 @@ def test_parity_steps_of_degenerate_outputs(got, want, steps):
 
     diff, step = _diff_and_step(np.array(got), np.array(want))
     assert float(diff.max(initial=0.0)) / step == pytest.approx(steps, abs=1e-3)
+
+
+def test_an_unusable_output_path_fails_before_the_export_work(tmp_path, monkeypatch):
+    import eightbit.export.onnx as export
+
+    qm = quantize(DepthwiseNet().eval(), calibration_batches(), progress=False)
+    monkeypatch.setattr(export, "to_onnx_model", lambda *a, **k: pytest.fail("the export ran"))
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        qm.export_onnx(tmp_path / "dir.onnx", overwrite=True)
+    (tmp_path / "m.onnx").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        qm.export_onnx(tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"keep" and (tmp_path / "dir.onnx").is_dir()
