@@ -65,8 +65,9 @@ class ParityError(RuntimeError):
     def __init__(self, report: ParityReport, path) -> None:
         super().__init__(
             f"{path} was not written: ONNX Runtime does not run it as the int8 model eightbit simulates. {report} "
-            f"(more than {PARITY_MAX_STEPS:g} steps means a broken export: a wrong scale, weight or op). Please "
-            "report it with the model; to write the file anyway, pass check=False (CLI: --no-parity-check)."
+            f"(more than {PARITY_MAX_STEPS:g} steps: the file does not compute that model, e.g. a wrong scale, weight "
+            "or op, or a runtime kernel that saturates). Please report it with the model; to write the file anyway, "
+            "pass check=False (CLI: --no-parity-check)."
         )
         self.report = report
 
