@@ -217,3 +217,13 @@ def test_parity_failure_exits_non_zero_and_keeps_the_users_files(npy_folder, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "enc.json", "m.onnx"]
     assert main([*args, "--no-parity-check"]) == 0  # the way out: written without the check
     assert onnx.load(out).graph.node and encodings.read_bytes() != b"earlier encodings"
+
+
+def test_input_shape_that_does_not_match_a_saved_program(npy_folder, tmp_path, capsys, no_quantize):
+    from tests.helpers import DepthwiseNet
+
+    program = torch.export.export(DepthwiseNet().eval(), (torch.randn(2, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "m.pt2")
+    args = _quantize(str(tmp_path / "m.pt2"), npy_folder, tmp_path / "p.onnx", "--input-shape", "1,3,32,32")
+    assert main(args) == 2
+    assert "does not match the shape the program was exported with, 2,3,16,16" in capsys.readouterr().err
