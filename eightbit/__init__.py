@@ -10,6 +10,7 @@ from eightbit.config import (
     int8_weights,
     uint8_activations,
 )
+from eightbit.export.onnx import ParityError
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
 
@@ -19,6 +20,7 @@ __all__ = [
     "CaptureError",
     "Granularity",
     "OpKind",
+    "ParityError",
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",

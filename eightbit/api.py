@@ -80,7 +80,7 @@ class QuantizedModel(nn.Module):
         self, path, *, overwrite: bool = False, check: bool = True, opset: int | None = None
     ) -> ExportReport:
         """Write a standard QDQ ONNX model (int8 weight initializers, dynamic batch) atomically and check it
-        against ONNX Runtime."""
+        against ONNX Runtime (`ParityError`, and no file, if it disagrees; `check=False` skips the check)."""
         schemes = {e.scheme for e in [*self.weight_encodings.values(), *self.activation_encodings.values()]}
         if Scheme.LOG2.value in schemes:
             raise ValueError(

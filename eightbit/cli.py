@@ -11,7 +11,27 @@ from pathlib import Path
 import torch
 
 from eightbit.data import Normalization
+from eightbit.export.onnx import ParityError
 from eightbit.graph.capture import CaptureError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """argparse type: a shape such as 1,3,224,224 (positive integers)."""
+    try:
+        return tuple(positive_int(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}") from None
 
 
 def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
@@ -58,12 +78,17 @@ def _batches(args, folder, program_shape):
     from eightbit.data import ImagePreprocess, calibration_files, folder_batches
 
     calibration_files(folder)
+    if args.input_shape and program_shape and args.input_shape[1:] != program_shape[1:]:
+        raise ValueError(
+            f"--input-shape {_shape_text(args.input_shape)} does not match the shape the program was exported "
+            f"with, {_shape_text(program_shape)}"
+        )
     preprocess = ImagePreprocess(
         size=args.image_size,
         resize=args.resize or round(args.image_size * 256 / 224),
         normalization=Normalization(args.normalize),
     )
-    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else program_shape
+    shape = args.input_shape or program_shape
     make = functools.partial(
         folder_batches,
         folder,
@@ -75,18 +100,44 @@ def _batches(args, folder, program_shape):
     return _Reiterable(make)
 
 
+def _shape_text(shape) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def _check_model_accepts(model: torch.nn.Module, batches, program_shape, folder) -> None:
+    """Read the first batch (shape errors in the files surface here) and run the model on one sample of it, so
+    that inputs the model cannot take are named before the slow work.  Saved programs are checked against the
+    shape they were exported with instead: they may accept no other batch size."""
+    first = next(iter(batches))
+    if program_shape:
+        return
+    try:
+        with torch.no_grad():
+            model(first[:1])
+    except Exception as exc:
+        raise ValueError(
+            f"the model does not accept inputs of shape {tuple(first[:1].shape)} (from the files in {folder} and "
+            f"--input-shape / --image-size): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _cmd_quantize(args) -> int:
     from eightbit import quantize
     from eightbit.fileio import check_output_path
 
     check_output_path(args.out, args.force)  # fail before the slow work
+    if args.encodings:
+        if Path(args.encodings).resolve() == Path(args.out).resolve():
+            raise ValueError("--encodings and --out name the same file; give the encodings their own .json path")
+        check_output_path(args.encodings, args.force)
     config = _config(args)
     model, program_shape = _load_model(args.model)
     batches = _batches(args, args.calib, program_shape)
+    _check_model_accepts(model, batches, program_shape, args.calib)
     # A saved program is captured at the shape it was exported with (it may accept no other batch size).
     example = torch.zeros(program_shape) if program_shape else None
     qm = quantize(model, batches, example, config=config, progress=not args.quiet)
-    report = qm.export_onnx(args.out, overwrite=args.force)
+    report = qm.export_onnx(args.out, overwrite=args.force, check=not args.no_parity_check)
     print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
     print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
     if report.parity is not None:
@@ -105,6 +156,7 @@ def _cmd_compare(args) -> int:
     evaluation = torch.cat(list(_batches(args, args.eval, program_shape)))
     example = torch.zeros(program_shape) if program_shape else None
     calibration = _batches(args, args.calib, program_shape)
+    _check_model_accepts(model, calibration, program_shape, args.calib)
     if example is not None:
         from eightbit.api import calibrate
 
@@ -150,12 +202,14 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pow2", action="store_true", help="power-of-two scales (shift-only NPUs)")
     p.add_argument("--per-tensor-weights", action="store_true")
     p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--resize", type=int, default=None, help="shorter side before centre crop (default size*256/224)")
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument(
+        "--resize", type=positive_int, default=None, help="shorter side before centre crop (default size*256/224)"
+    )
     p.add_argument("--normalize", choices=[n.value for n in Normalization], default="imagenet")
-    p.add_argument("--input-shape", help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--input-shape", type=shape, help="shape of one batch for .npy/.pt samples, e.g. 1,3,224,224")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-samples", type=positive_int, default=None)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -168,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="overwrite existing output files")
     q.add_argument("--encodings", help="also save the quantization parameters (JSON) here")
     q.add_argument("--verbose", action="store_true", help="print the per-op table")
+    q.add_argument(
+        "--no-parity-check",
+        action="store_true",
+        help="write the ONNX file without running it on ONNX Runtime (by default a file that disagrees with the "
+        "simulated int8 model is not written)",
+    )
     q.set_defaults(func=_cmd_quantize)
     c = sub.add_parser("compare", help="quantize with each calibration method and compare accuracy against fp32")
     _model_and_data_args(c)
@@ -183,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
     b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")
     b.add_argument("--fp32", help="the fp32 .onnx to compare against (default: derived from the int8 model)")
-    b.add_argument("--batch", type=int, default=32, help="throughput batch size")
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--batch", type=positive_int, default=32, help="throughput batch size")
+    b.add_argument("--threads", type=positive_int, default=2)
     b.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
-    b.add_argument("--iters", type=int, default=30)
+    b.add_argument("--iters", type=positive_int, default=30)
     b.add_argument("--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category")
     b.set_defaults(func=_cmd_bench)
     return parser
@@ -196,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ImportError, CaptureError) as exc:
+    except ParityError as exc:  # not a usage error: the export itself is wrong
+        print(f"eightbit: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, TypeError, ImportError, CaptureError) as exc:
         print(f"eightbit: error: {exc}", file=sys.stderr)
         return 2
 

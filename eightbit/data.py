@@ -98,17 +98,38 @@ def folder_batches(
     limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Stream batches from a folder.  Files holding one sample (e.g. CHW without a batch axis) get one added
-    when `sample_shape` says how many dimensions a sample has."""
+    when `sample_shape` says how many dimensions a sample has.  Every file must hold samples of one shape (and
+    of `sample_shape` without its batch axis, when given): the error names the files that differ."""
     preprocess = preprocess or ImagePreprocess()
     pending: list[torch.Tensor] = []
     files = calibration_files(folder)[:limit]
+    first: tuple[Path, torch.Size, torch.Size] | None = None  # the first file, its shape as stored and batched
     for path in files:
-        sample = _load_sample(path, preprocess)
+        stored = _load_sample(path, preprocess)
+        sample = stored
         if sample_shape is not None and sample.dim() == len(sample_shape) - 1:
             sample = sample.unsqueeze(0)
+        _check_sample_shape(path, stored.shape, sample.shape, first, sample_shape)
+        first = first or (path, stored.shape, sample.shape)
         pending.append(sample)
         if sum(s.shape[0] for s in pending) >= batch_size:
             yield torch.cat(pending)
             pending = []
     if pending:
         yield torch.cat(pending)
+
+
+def _check_sample_shape(path: Path, stored, batched, first, sample_shape) -> None:
+    """`batched` is the file's shape with its batch axis, `stored` as read (for the message); `first` the same
+    of the first file."""
+    if first is not None and tuple(batched[1:]) != tuple(first[2][1:]):
+        raise ValueError(
+            f"calibration files of different shapes: {first[0].name} holds {tuple(first[1])}, {path.name} holds "
+            f"{tuple(stored)}; every file must hold samples of one shape (pass --input-shape when some files "
+            "have a batch axis and some do not)"
+        )
+    if sample_shape is not None and tuple(batched[1:]) != tuple(sample_shape[1:]):
+        raise ValueError(
+            f"{path.name} holds shape {tuple(stored)}, but --input-shape (sample_shape) {tuple(sample_shape)} "
+            f"asks for samples of shape {tuple(sample_shape[1:])}; fix --input-shape or the files"
+        )

@@ -125,3 +125,105 @@ def test_compare_and_method_options(npy_folder, tmp_path, capsys):
     assert main(pow2) == 0
     assert main(_quantize("tests.helpers:DepthwiseNet", npy_folder, tmp_path / "x.onnx", "--method", "admm")) == 2
     assert "for weights only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--batch-size", "0"), ("--max-samples", "-1"), ("--max-samples", "0"), ("--input-shape", "1,3,x,16")],
+)
+def test_bad_numbers_are_argparse_errors(flag, value, npy_folder, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(_quantize("tests.helpers:ResidualNet", npy_folder, tmp_path / "o.onnx", flag, value))
+    assert exited.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_input_shape_that_does_not_match_the_files(npy_folder, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(_quantize("tests.helpers:ResidualNet", npy_folder, out, "--input-shape", "1,3,32,32")) == 2
+    err = capsys.readouterr().err
+    assert "--input-shape" in err and "0.npy" in err and "(3, 16, 16)" in err
+    assert not out.exists()
+
+
+def test_input_shape_that_does_not_match_the_model(tmp_path, capsys):
+    folder = tmp_path / "four_channels"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"{i}.npy", np.zeros((4, 16, 16), np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(_quantize("tests.helpers:ResidualNet", folder, out, "--input-shape", "1,4,16,16")) == 2
+    err = capsys.readouterr().err
+    assert "does not accept" in err and "(1, 4, 16, 16)" in err
+    assert not out.exists()
+
+
+def test_calibration_files_of_mixed_shapes_are_named(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.zeros((3, 16, 16), np.float32))
+    np.save(folder / "b.npy", np.zeros((3, 8, 8), np.float32))
+    assert main(_quantize("tests.helpers:ResidualNet", folder, tmp_path / "o.onnx", *SHAPE)) == 2
+    err = capsys.readouterr().err
+    assert "a.npy" in err and "(3, 16, 16)" in err and "b.npy" in err and "(3, 8, 8)" in err
+
+
+@pytest.fixture()
+def no_quantize(monkeypatch):
+    """Fail the test if the slow work starts."""
+    import eightbit
+
+    def slow_work(*args, **kwargs):
+        raise AssertionError("quantize ran before the output paths were checked")
+
+    monkeypatch.setattr(eightbit, "quantize", slow_work)
+
+
+def test_existing_encodings_need_force_before_the_slow_work(npy_folder, tmp_path, capsys, no_quantize):
+    encodings = tmp_path / "enc.json"
+    encodings.write_bytes(b"{}")
+    out = tmp_path / "o.onnx"
+    assert main(_quantize("tests.helpers:ResidualNet", npy_folder, out, *SHAPE, "--encodings", str(encodings))) == 2
+    err = capsys.readouterr().err
+    assert "enc.json" in err and "--force" in err
+    assert encodings.read_bytes() == b"{}" and not out.exists()
+
+
+def test_output_that_is_a_directory_is_refused_before_the_slow_work(npy_folder, tmp_path, capsys, no_quantize):
+    out = tmp_path / "out.onnx"
+    out.mkdir()
+    assert main(_quantize("tests.helpers:ResidualNet", npy_folder, out, *SHAPE, "--force")) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert out.is_dir() and not any(out.iterdir())
+
+
+@pytest.fixture()
+def failing_parity(monkeypatch):
+    """ONNX Runtime disagrees with the simulation by 500 steps."""
+    import eightbit.export.onnx as export
+
+    monkeypatch.setattr(export, "check_parity", lambda *a: export.ParityReport(9.0, 500.0, 0.9))
+
+
+def test_parity_failure_exits_non_zero_and_keeps_the_users_files(npy_folder, tmp_path, capsys, failing_parity):
+    out, encodings = tmp_path / "m.onnx", tmp_path / "enc.json"
+    out.write_bytes(b"earlier model")
+    encodings.write_bytes(b"earlier encodings")
+    args = _quantize("tests.helpers:ResidualNet", npy_folder, out, *SHAPE, "--force", "--encodings", str(encodings))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "500.00 steps" in err and "--no-parity-check" in err
+    assert out.read_bytes() == b"earlier model" and encodings.read_bytes() == b"earlier encodings"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "enc.json", "m.onnx"]
+    assert main([*args, "--no-parity-check"]) == 0  # the way out: written without the check
+    assert onnx.load(out).graph.node and encodings.read_bytes() != b"earlier encodings"
+
+
+def test_input_shape_that_does_not_match_a_saved_program(npy_folder, tmp_path, capsys, no_quantize):
+    from tests.helpers import DepthwiseNet
+
+    program = torch.export.export(DepthwiseNet().eval(), (torch.randn(2, 3, 16, 16),))
+    torch.export.save(program, tmp_path / "m.pt2")
+    args = _quantize(str(tmp_path / "m.pt2"), npy_folder, tmp_path / "p.onnx", "--input-shape", "1,3,32,32")
+    assert main(args) == 2
+    assert "does not match the shape the program was exported with, 2,3,16,16" in capsys.readouterr().err

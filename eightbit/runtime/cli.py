@@ -12,10 +12,39 @@ from eightbit.export.strip import strip_qdq
 from eightbit.runtime.backends import Backend, RuntimeOptions
 from eightbit.runtime.benchmark import benchmark_models, format_table, op_time_breakdown
 
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
-def input_shapes(path: Path) -> dict[str, list[int | None]]:
-    """Input name -> shape (None for symbolic dims) of an ONNX file."""
-    model = onnx.load(path, load_external_data=False)
+
+def load_onnx(path: Path, role: str = "model") -> onnx.ModelProto:
+    """The ONNX model at `path` (without external data), or a clear error for a missing file, a folder, or a
+    file that is not ONNX."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the {role} .onnx file")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ValueError(
+            f"{path} is not an ONNX model ({type(exc).__name__}: {exc}); give the {role} .onnx file"
+        ) from exc
+    if not model.graph.node:  # protobuf parses some foreign bytes as an empty message
+        raise ValueError(f"{path} is not an ONNX model (it has no graph); give the {role} .onnx file")
+    return model
+
+
+def check_quantized(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a model without QuantizeLinear/DequantizeLinear: it would be benchmarked, and labelled, as int8."""
+    if not any(node.op_type in _QDQ_OPS for node in model.graph.node):
+        raise ValueError(
+            f"no Q/DQ: this is a float model ({path}). `eightbit bench` compares an int8 QDQ model with its float "
+            "counterpart; quantize it first (`eightbit quantize`)"
+        )
+
+
+def input_shapes(path: Path | onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Input name -> shape (None for symbolic dims) of an ONNX file or model."""
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(path, load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     shapes = {}
     for value in model.graph.input:
@@ -58,10 +87,12 @@ def slower_than_fp32(rows) -> list[str]:
 def bench_cli(args) -> int:
     """Entry point of `eightbit bench`."""
     int8 = Path(args.model)
-    if not int8.exists():
-        raise FileNotFoundError(f"{int8} does not exist")
+    model = load_onnx(int8, "int8")
+    check_quantized(model, int8)
+    if args.fp32:
+        load_onnx(Path(args.fp32), "fp32")
     backends = [Backend(b) for b in args.backends]
-    shapes = input_shapes(int8)
+    shapes = input_shapes(model)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(args.fp32) if args.fp32 else Path(tmp) / "fp32.onnx"
         if not args.fp32:

@@ -109,3 +109,91 @@ def test_four_bit_activations_are_clamped_in_onnx(tmp_path):
         progress=False,
     )
     assert qm.export_onnx(tmp_path / "a4.onnx").parity.max_steps < 3
+
+
+def _scale_last_output_dq(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """Corrupt a file the way a wrong scale would: the last activation DequantizeLinear reads `factor` x its scale."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits][-1]
+    scale = numpy_helper.to_array(inits[dq.input[1]]) * factor
+    model.graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), "broken_scale"))
+    dq.input[1] = "broken_scale"
+    return model
+
+
+@pytest.fixture()
+def broken_scale(monkeypatch):
+    """Exports write a file whose last activation scale is 10x too large."""
+    import eightbit.export.onnx as export
+
+    original = export.to_onnx_model
+
+    def corrupted(*args, **kwargs):
+        model, exporter = original(*args, **kwargs)
+        return _scale_last_output_dq(model, 10.0), exporter
+
+    monkeypatch.setattr(export, "to_onnx_model", corrupted)
+
+
+@pytest.fixture()
+def add_emitted_as_sub(monkeypatch):
+    """A handler with the wrong semantics: aten.add is written as ONNX Sub."""
+    from eightbit.export import handlers_nn
+
+    monkeypatch.setitem(handlers_nn._BINARY, torch.ops.aten.add.Tensor, "Sub")
+
+
+@pytest.mark.parametrize("breakage", ["broken_scale", "add_emitted_as_sub"])
+def test_a_broken_export_raises_with_the_report_and_leaves_files_alone(breakage, request, tmp_path):
+    from eightbit import ParityError
+
+    qm = quantize(ResidualNet().eval(), calibration_batches(), progress=False)
+    request.getfixturevalue(breakage)
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"the user's earlier model")
+    with pytest.raises(ParityError, match="check=False") as caught:
+        qm.export_onnx(target, overwrite=True)
+    assert caught.value.report.max_steps > 16
+    assert str(caught.value.report) in str(caught.value)
+    assert target.read_bytes() == b"the user's earlier model"  # the broken file never replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    report = qm.export_onnx(target, overwrite=True, check=False)  # the way out: written, not checked
+    assert report.parity is None and onnx.load(target).graph.node
+
+
+def test_parity_report_of_a_healthy_export_passes(exported):
+    _, _, _, report = exported
+    assert report.parity.passed and report.parity.max_steps < 3
+
+
+@pytest.mark.parametrize(
+    "got, want, steps",
+    [
+        ([1.0, 1.0], [1.0, 1.0 + 1e-7], 0.0),  # a constant output has a step: 1/255, not 1e-12
+        ([2.0, 3.0 + 3 / 255], [2.0, 3.0], 1.0),  # one-sided outputs: the step spans 0..max, as the ranges do
+        ([float("nan"), 1.0], [float("nan"), 1.0], 0.0),  # NaN in both at the same place agrees
+        ([float("nan"), 1.0], [0.5, 1.0], float("inf")),  # NaN from the runtime only never passes
+        ([[1.0, 2.0]], [1.0, 2.0], float("inf")),  # different shapes never pass
+    ],
+)
+def test_parity_steps_of_degenerate_outputs(got, want, steps):
+    from eightbit.export.onnx import _diff_and_step
+
+    diff, step = _diff_and_step(np.array(got), np.array(want))
+    assert float(diff.max(initial=0.0)) / step == pytest.approx(steps, abs=1e-3)
+
+
+def test_an_unusable_output_path_fails_before_the_export_work(tmp_path, monkeypatch):
+    import eightbit.export.onnx as export
+
+    qm = quantize(DepthwiseNet().eval(), calibration_batches(), progress=False)
+    monkeypatch.setattr(export, "to_onnx_model", lambda *a, **k: pytest.fail("the export ran"))
+    (tmp_path / "dir.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        qm.export_onnx(tmp_path / "dir.onnx", overwrite=True)
+    (tmp_path / "m.onnx").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        qm.export_onnx(tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"keep" and (tmp_path / "dir.onnx").is_dir()

@@ -296,3 +296,37 @@ def test_strip_qdq_conv_close_to_qdq_model(conv_path):
     a, b = _ort(model, x), _ort(stripped, x)
     # Per-layer rounding of activations (scale 0.05) is all that separates them.
     assert np.abs(a - b).mean() < 0.05
+
+
+def _bench(*args: str) -> list[str]:
+    return ["bench", *args, "--iters", "3", "--backends", "onnxruntime"]
+
+
+def test_bench_of_a_float_model_says_so(tmp_path, capsys):
+    from eightbit.cli import main
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    x = helper.make_tensor_value_info("x", F32, [None, 4])
+    y = helper.make_tensor_value_info("y", F32, [None, 3])
+    onnx.save(_model([node], [w], [x], [y]), tmp_path / "float.onnx")
+    assert main(_bench(str(tmp_path / "float.onnx"))) == 2
+    printed = capsys.readouterr()
+    assert "no Q/DQ: this is a float model" in printed.err and "int8" not in printed.out
+
+
+def test_bench_of_a_file_that_is_not_onnx(tmp_path, capsys):
+    from eightbit.cli import main
+
+    (tmp_path / "weights.onnx").write_bytes(b"\x00\x01 not a protobuf at all")
+    assert main(_bench(str(tmp_path / "weights.onnx"))) == 2
+    assert "is not an ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--iters", "--threads"])
+def test_bench_refuses_non_positive_numbers(flag, tmp_path, capsys):
+    from eightbit.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", str(tmp_path / "m.onnx"), flag, "0"])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
