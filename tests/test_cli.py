@@ -125,3 +125,14 @@ def test_compare_and_method_options(npy_folder, tmp_path, capsys):
     assert main(pow2) == 0
     assert main(_quantize("tests.helpers:DepthwiseNet", npy_folder, tmp_path / "x.onnx", "--method", "admm")) == 2
     assert "for weights only" in capsys.readouterr().err
+
+
+def test_misspelled_keep_float_exits_with_the_closest_names(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        np.save(calib / f"{i}.npy", np.random.rand(1, 3, 16, 16).astype(np.float32))
+    argv = ["quantize", "tests.helpers:DepthwiseNet", "--calib", str(calib), "--out", str(tmp_path / "m.onnx")]
+    code = main([*argv, "--keep-float", "stme", "--input-shape", "1,3,16,16", "--quiet"])
+    assert code == 2
+    assert "did you mean" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
