@@ -260,8 +260,7 @@ def test_the_users_model_is_unchanged_after_every_refusal(tmp_path, dtype):
         if i == 6:  # the stale cache: same graph, other weights
             model.pw.weight.data.mul_(2)
         state = _model_state(model)
-        with pytest.raises((ValueError, TypeError)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fail(model)
+        with pytest.raises((ValueError, TypeError)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fail(model)
         assert _same_state(model, state), i
