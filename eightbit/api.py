@@ -78,6 +78,8 @@ class QuantizedModel(nn.Module):
                     f"keywords {sorted(kwargs)}"
                 )
             args = (*args, *(kwargs[n] for n in rest))
+        # Float inputs of another precision (a float16 model's inputs) run as the float32 the graph was captured in.
+        args = tuple(_as_dtype_of(a, e) for a, e in zip(args, self._example_args, strict=False))
         return self.graph_module(*args)
 
     def export_onnx(
@@ -141,6 +143,13 @@ class QuantizedModel(nn.Module):
         lines += [f"{'op':<{width}}  {'kind':<7} {'dtype':<5} note"]
         lines += [f"{n:<{width}}  {k:<7} {d:<5} {w}" for n, k, d, w in rows]
         return "\n".join(lines)
+
+
+def _as_dtype_of(value, example):
+    floats = isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) and value.is_floating_point()
+    if floats and example.is_floating_point() and value.dtype != example.dtype:
+        return value.to(example.dtype)
+    return value
 
 
 class Calibration:

@@ -163,3 +163,11 @@ def test_half_precision_models_are_calibrated_in_float32_and_export(dtype, tmp_p
     assert torch.nn.functional.cosine_similarity(qm(x), reference).min() > 0.95
     report = qm.export_onnx(tmp_path / "half.onnx")
     assert report.path.exists()
+
+
+def test_the_int8_model_of_a_half_model_accepts_half_inputs():
+    model = DepthwiseNet().eval().half()
+    with pytest.warns(UserWarning, match="float32"):
+        qm = quantize(model, [b.half() for b in calibration_batches()], progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(qm(x.half()), qm(x.half().float()))

@@ -115,3 +115,12 @@ def test_weights_fingerprint_is_cheap_and_sensitive():
     with torch.no_grad():
         model[3].bias[7] += 1e-6
     assert weights_fingerprint(model) != first
+
+
+def test_compare_methods_takes_input_fn_and_leaves_the_model_in_training_mode():
+    model = DepthwiseNet().train()
+    pairs = [(x, torch.randint(0, 5, (8,))) for x in calibration_batches()]
+    _, results = compare_methods(
+        model, pairs, torch.randn(8, 3, 16, 16), methods=("minmax",), input_fn=lambda b: b[0], progress=False
+    )
+    assert results[0].mean_cosine > 0.9 and model.training
