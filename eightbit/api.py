@@ -510,7 +510,8 @@ def quantize(
     act = saved.load_activation_encodings(source, prepared.placement, config.activations, prepared.gm)
     saved.warn_if_other_weights(source, prepared.fingerprint)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
-    weight_ranges = saved.saved_weight_ranges(source) if lookup_method(config.weights.method).output_aware else None
+    output_aware = lookup_method(config.weights.method).output_aware
+    weight_ranges = saved.saved_weight_ranges(source, prepared.placement, prepared.gm) if output_aware else None
     return prepared.finish(act, config, weight_ranges)
 
 

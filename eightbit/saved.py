@@ -17,6 +17,7 @@ from eightbit.calibration.calibrate import activation_axis
 from eightbit.calibration.encodings import Encoding
 from eightbit.config import QuantSpec
 from eightbit.graph.placement import Placement
+from eightbit.graph.utils import attr_value
 
 ENCODINGS_VERSION = 1
 # 2: the cache records the weights fingerprint (version 1 caches were keyed on the graph only).
@@ -140,8 +141,12 @@ def _check_encoding(label: str, enc: Encoding, spec: QuantSpec, channels: int) -
         raise ValueError(f"encodings of {label}: zero point {out[:4]} outside the code range [{enc.qmin}, {enc.qmax}]")
 
 
-def saved_weight_ranges(source: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> saved weight range (per channel, or 0-d for per-tensor weights), checked finite with lo <= hi."""
+def saved_weight_ranges(
+    source: dict, placement: Placement, gm: fx.GraphModule
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> saved weight range (per channel, or 0-d for per-tensor weights), checked finite with lo <= hi
+    and against the graph's quantized layers (names, and one value per channel of a per-channel range)."""
+    layers = _weight_channels(placement, gm)
     found = {}
     weights = source.get("weights", {})
     if not isinstance(weights, dict):
@@ -155,5 +160,25 @@ def saved_weight_ranges(source: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
             raise ValueError(f"malformed saved weight range of layer {name!r}: {exc}") from None
         if lo.shape != hi.shape or not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and (lo <= hi).all()):
             raise ValueError(f"saved weight range of layer {name!r} is not a finite range with lo <= hi")
-        found[name] = (lo, hi) if enc.get("axis") is not None else (lo.reshape(()), hi.reshape(()))
+        if name not in layers:
+            raise ValueError(f"saved weight range of layer {name!r}: this model has no such quantized layer")
+        axis, weight = enc.get("axis"), layers[name]
+        channels = weight.shape[axis] if isinstance(axis, int) and -weight.dim() <= axis < weight.dim() else 1
+        if lo.numel() != channels:
+            raise ValueError(
+                f"saved weight range of layer {name!r} has {lo.numel()} values, its weight {channels} channels"
+            )
+        found[name] = (lo, hi) if axis is not None else (lo.reshape(()), hi.reshape(()))
     return found
+
+
+def _weight_channels(placement: Placement, gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Quantized layer node name -> its constant weight."""
+    out = {}
+    for node in gm.graph.nodes:
+        rule = placement.quantized_ops.get(node.name)
+        if rule is not None and rule.weight_arg is not None and node.op == "call_function":
+            w = attr_value(gm, node.args[rule.weight_arg]) if len(node.args) > rule.weight_arg else None
+            if w is not None:
+                out[node.name] = w
+    return out

@@ -264,3 +264,16 @@ def test_the_users_model_is_unchanged_after_every_refusal(tmp_path, dtype):
             warnings.simplefilter("ignore")
             fail(model)
         assert _same_state(model, state), i
+
+
+def test_saved_weight_ranges_must_match_the_models_layers():
+    config = QuantConfig(weights=int8_weights(method="eq"), activations=uint8_activations(method="eq"))
+    example = torch.randn(1, 3, 16, 16)
+    enc = quantize(ResidualNet().eval(), calibration_batches(), config=config, progress=False).encodings()
+    name, weight = next((n, w) for n, w in enc["weights"].items() if w.get("axis") is not None)
+    weight["range"] = [weight["range"][0][:3], weight["range"][1][:3]]
+    with pytest.raises(ValueError, match=rf"{name}.*3 values"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example, config=config)
+    enc["weights"]["no_such_layer"] = enc["weights"].pop(name)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example, config=config)
