@@ -312,8 +312,8 @@ def _prepare(
     """Capture a float32 view of `model` with `example_inputs` (model inputs; with `from_data`, the first
     calibration batch, which goes through `input_fn`) and place Q/DQ.  Refuses misspelled keep_float names."""
     fingerprint = saved.weights_fingerprint(model)
-    model, note = float32_model(model)
-    binder = InputBinder(model, input_fn)
+    model, note, half = float32_model(model)
+    binder = InputBinder(model, input_fn, model_dtype=half)
     args = binder.batch(example_inputs, 0) if from_data else binder.example(example_inputs)
     try:
         captured = capture(model, args)

@@ -46,19 +46,20 @@ def _to_tensor(value):
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def float32_model(model: nn.Module) -> tuple[nn.Module, str]:
+def float32_model(model: nn.Module) -> tuple[nn.Module, str, torch.dtype | None]:
     """`model`, or a float32 copy of it when it holds float16/bfloat16 weights (calibration statistics and int8
     scales are computed in float32; an fp16 graph would also export Q/DQ that ONNX Runtime rejects).  Returns the
-    model and a note for the summary ('' when nothing changed).  The user's model is never modified."""
+    model, a note for the summary ('' when nothing changed) and the half dtype converted from (or None).  The
+    user's model is never modified."""
     dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
     half = sorted(str(d).removeprefix("torch.") for d in dtypes if d in _HALF)
     if not half:
-        return model, ""
+        return model, "", None
     note = (
         f"model weights are {'/'.join(half)}: calibrated and quantized in float32; the int8 model takes float32 inputs"
     )
     warnings.warn(f"eightbit: {note}", UserWarning, stacklevel=3)
-    return copy.deepcopy(model).float(), note
+    return copy.deepcopy(model).float(), note, next(d for d in _HALF if d in dtypes)
 
 
 def _describe(value) -> str:
@@ -70,7 +71,9 @@ def _describe(value) -> str:
 class InputBinder:
     """Binds calibration batches (and example inputs) to `model.forward`; see the module docstring."""
 
-    def __init__(self, model: nn.Module, input_fn: InputFn | None = None):
+    def __init__(self, model: nn.Module, input_fn: InputFn | None = None, *, model_dtype: torch.dtype | None = None):
+        """model_dtype: the float dtype of the user's model when `model` is its float32 copy (inputs in that
+        dtype are cast without a second warning)."""
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"input_fn must be a function from a calibration batch to model inputs, got {input_fn!r}")
         self._signature = inspect.signature(model.forward)
@@ -79,7 +82,7 @@ class InputBinder:
         self._float = floats[0] if floats else torch.float32
         self._reference: tuple | None = None
         self._dynamic: tuple = ()
-        self._warned: set[torch.dtype] = set()
+        self._warned: set[torch.dtype] = {model_dtype} if model_dtype is not None else set()
         self.names: list[str] | None = None
 
     def example(self, example_inputs) -> tuple:
@@ -152,21 +155,21 @@ class InputBinder:
                 )
 
     def _cast(self, args: tuple) -> tuple:
-        """Float inputs in another precision become the model's float dtype (with one warning per dtype)."""
-        if self._float not in (torch.float32, *_HALF):
+        """Float inputs in another precision become float32, the model's dtype (one warning per dtype); a float64
+        model keeps its inputs."""
+        if self._float != torch.float32:
             return args
         out = []
         for a in args:
-            if isinstance(a, torch.Tensor) and a.dtype in _CAST and a.dtype != torch.float32:
+            if isinstance(a, torch.Tensor) and a.dtype in _CAST:
                 if a.dtype not in self._warned:
                     self._warned.add(a.dtype)
-                    if self._float is torch.float32:  # a half model already said it is calibrated in float32
-                        warnings.warn(
-                            f"eightbit: calibration inputs are {str(a.dtype).removeprefix('torch.')}; cast to "
-                            "float32, the dtype the model is calibrated in",
-                            UserWarning,
-                            stacklevel=4,
-                        )
+                    warnings.warn(
+                        f"eightbit: calibration inputs are {str(a.dtype).removeprefix('torch.')}; cast to "
+                        "float32, the dtype the model is calibrated in",
+                        UserWarning,
+                        stacklevel=4,
+                    )
                 a = a.float()
             out.append(a)
         return tuple(out)

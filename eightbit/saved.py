@@ -30,9 +30,12 @@ def weights_fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         if not isinstance(tensor, torch.Tensor):
             continue
-        t = tensor.detach().cpu().contiguous().reshape(-1)
+        t = tensor.detach()
+        t = t.dequantize() if t.is_quantized else t
+        t = t.to_dense() if t.layout != torch.strided else t
         digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel() and t.device.type != "meta":
+            digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

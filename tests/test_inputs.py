@@ -154,8 +154,9 @@ def test_nan_message_names_the_users_batch_index():
 def test_half_precision_models_are_calibrated_in_float32_and_export(dtype, tmp_path):
     model = DepthwiseNet().eval().to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match="float32"):
+    with pytest.warns(UserWarning, match="float32") as record:
         qm = quantize(model, [b.to(dtype) for b in calibration_batches()], progress=False)
+    assert len([w for w in record if "eightbit" in str(w.message)]) == 1  # said once, not again per input
     assert all(v.dtype == dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert "float32" in qm.summary().split("\n\n")[0]
     x = torch.randn(2, 3, 16, 16)
