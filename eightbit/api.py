@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import json
 from collections.abc import Iterable
@@ -13,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from eightbit.calibration.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
+from eightbit import saved
+from eightbit.calibration.calibrate import OBSERVER_PREFIX, insert_observers, run_calibration
 from eightbit.calibration.encodings import Encoding, activation_encodings
 from eightbit.calibration.methods import lookup_method
 from eightbit.calibration.observers import InputSamples, Observer, Statistic
@@ -23,13 +23,13 @@ from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured, _with_batch, capture
-from eightbit.graph.placement import Placement, place
+from eightbit.graph.placement import Placement, check_keep_float, place
 from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
+from eightbit.inputs import InputBinder, InputFn, float32_model, integer_image_error
 from eightbit.runtime import hw
-
-ENCODINGS_VERSION = 1
+from eightbit.saved import ENCODINGS_VERSION
 
 
 class QuantizedModel(nn.Module):
@@ -50,6 +50,8 @@ class QuantizedModel(nn.Module):
         input_names: list[str],
         folded_batchnorms: int,
         smooth_alpha: float | None = None,
+        notes: tuple[str, ...] = (),
+        weights_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -63,6 +65,8 @@ class QuantizedModel(nn.Module):
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self.smooth_alpha = smooth_alpha
+        self.notes = notes
+        self.weights_fingerprint = weights_fingerprint  # of the float model: saved encodings are checked with it
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -74,6 +78,8 @@ class QuantizedModel(nn.Module):
                     f"keywords {sorted(kwargs)}"
                 )
             args = (*args, *(kwargs[n] for n in rest))
+        # Float inputs of another precision (a float16 model's inputs) run as the float32 the graph was captured in.
+        args = tuple(_as_dtype_of(a, e) for a, e in zip(args, self._example_args, strict=False))
         return self.graph_module(*args)
 
     def export_onnx(
@@ -103,11 +109,14 @@ class QuantizedModel(nn.Module):
 
     def encodings(self) -> dict:
         """All quantization parameters as a JSON-ready dict."""
-        return {
+        out = {
             "version": ENCODINGS_VERSION,
             "activations": {k: asdict(v) for k, v in self.activation_encodings.items()},
             "weights": {k: asdict(v) for k, v in self.weight_encodings.items()},
         }
+        if self.weights_fingerprint is not None:
+            out["weights_fingerprint"] = self.weights_fingerprint
+        return out
 
     def save_encodings(self, path, *, overwrite: bool = False) -> None:
         """Save the quantization parameters as JSON (atomically); `quantize(..., encodings=path)` reuses them."""
@@ -124,6 +133,7 @@ class QuantizedModel(nn.Module):
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}"
             + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
+            *self.notes,
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
             "",
         ]
@@ -135,18 +145,11 @@ class QuantizedModel(nn.Module):
         return "\n".join(lines)
 
 
-def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, list[str]]:
-    """Bind example inputs to forward()'s parameters so the graph is always called positionally."""
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
-        return args, [f"input_{i}" for i in range(len(args))]
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    names = list(bound.arguments)
-    values = tuple(bound.arguments.values())
-    while values and values[-1] is None:  # trailing optional inputs left unset
-        values, names = values[:-1], names[:-1]
-    return values, [n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor)]
+def _as_dtype_of(value, example):
+    floats = isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor) and value.is_floating_point()
+    if floats and example.is_floating_point() and value.dtype != example.dtype:
+        return value.to(example.dtype)
+    return value
 
 
 class Calibration:
@@ -223,7 +226,8 @@ class Calibration:
     def save(self, path, *, overwrite: bool = False) -> None:
         """Save the statistics (atomically) for `calibrate(..., cache=path)` to reuse."""
         payload = {
-            "version": ENCODINGS_VERSION,
+            "version": saved.CACHE_VERSION,
+            "weights": self._prepared.fingerprint,
             "groups": self._prepared.placement.groups,
             "collected": sorted(s.value for s in self.collected),
             "stats": {g: {s.value: dict(vars(c)) for s, c in o.stats.items()} for g, o in self._observers.items()},
@@ -237,8 +241,7 @@ class Calibration:
             payload = torch.load(path, weights_only=True)
         except Exception as exc:
             raise ValueError(f"{path} is not a readable eightbit calibration cache: {exc}") from None
-        if payload.get("groups") != self._prepared.placement.groups:
-            raise ValueError(f"the calibration cache {path} was made for a different model or config; delete it")
+        saved.check_cache(payload, path, self._prepared.placement, self._prepared.fingerprint)
         for group, stats in payload["stats"].items():
             observer = self._observers[group]
             for name, state in stats.items():
@@ -263,6 +266,9 @@ class _Prepared:
     args: tuple
     input_names: list[str]
     folded: int
+    binder: InputBinder
+    fingerprint: str
+    notes: tuple[str, ...] = ()
     smooth_alpha: float | None = None
 
     def finish(
@@ -282,6 +288,8 @@ class _Prepared:
             input_names=self.input_names,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
+            notes=self.notes,
+            weights_fingerprint=self.fingerprint,
         )
 
 
@@ -298,15 +306,30 @@ def _placement_key(config: QuantConfig) -> tuple:
     )
 
 
-def _prepare(model: nn.Module, example_inputs, config: QuantConfig) -> _Prepared:
-    args, kwargs = as_model_inputs(example_inputs)
-    args, input_names = _positional(model, args, kwargs)
-    captured = capture(model, args)
+def _prepare(
+    model: nn.Module, example_inputs, config: QuantConfig, input_fn: InputFn | None = None, *, from_data=False
+) -> _Prepared:
+    """Capture a float32 view of `model` with `example_inputs` (model inputs; with `from_data`, the first
+    calibration batch, which goes through `input_fn`) and place Q/DQ.  Refuses misspelled keep_float names."""
+    fingerprint = saved.weights_fingerprint(model)
+    model, note, half = float32_model(model)
+    binder = InputBinder(model, input_fn, model_dtype=half)
+    args = binder.batch(example_inputs, 0) if from_data else binder.example(example_inputs)
+    try:
+        captured = capture(model, args)
+    except Exception as exc:
+        error = integer_image_error(args, binder.names)
+        if error is not None:
+            raise error from exc
+        raise
+    binder.expect(args, captured.dynamic_axes)
     gm = captured.graph_module
+    check_keep_float(gm, config.keep_float, (name for name, _ in model.named_modules()))
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
-    return _Prepared(gm, captured, place(gm, config), config, args, input_names, folded)
+    notes = (note,) if note else ()
+    return _Prepared(gm, captured, place(gm, config), config, args, binder.names, folded, binder, fingerprint, notes)
 
 
 def calibrate(
@@ -319,22 +342,31 @@ def calibrate(
     cache: str | Path | None = None,
     progress: bool = True,
     input_samples: int = 32,
+    input_fn: InputFn | None = None,
 ) -> Calibration:
     """Capture `model` and collect, in one streaming pass, the statistics that the config's activation
     and weight methods and every method in `methods` need (output-aware methods also keep the first
-    `input_samples` model inputs).  With `cache`, statistics are loaded from that file when it exists (no model
-    run) and saved there otherwise."""
+    `input_samples` model inputs).
+
+    cache: statistics are loaded from that file when it exists (no model run) and saved there otherwise.  A cache
+        written by another eightbit format version, for another graph/config, or for other weights (a fingerprint
+        of every parameter and buffer is stored) is refused with a ValueError that says which differs: delete it
+        or pass another path to calibrate again (it is never silently reused, nor silently overwritten).
+    input_fn: maps each calibration batch to the model's inputs (a tensor, a tuple of positional inputs or a dict
+        of keyword inputs), e.g. `lambda batch: batch[0]` for (inputs, labels) pairs; see `eightbit.inputs`.
+        `example_inputs`, when given, are model inputs already."""
     config = config or QuantConfig()
     if config.smooth_quant is not None and iter(calibration_data) is calibration_data:
         raise ValueError(
             "SmoothQuant reads calibration_data twice (channel ranges first, then calibration); pass a list or "
             "a DataLoader, not a one-shot iterator or generator"
         )
-    if example_inputs is None:
+    from_data = example_inputs is None
+    if from_data:
         example_inputs, calibration_data = _peek(calibration_data)
-    prepared = _prepare(model, example_inputs, config)
+    prepared = _prepare(model, example_inputs, config, input_fn, from_data=from_data)
     if config.smooth_quant is not None:
-        _smooth(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
+        _smooth(prepared, lambda: _calibration_batches(calibration_data, prepared), config)
     names = (config.activations.method, config.weights.method, *methods)
     needs = frozenset().union(*(lookup_method(m).needs for m in names))
     observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
@@ -343,7 +375,7 @@ def calibrate(
     if cache is not None and Path(cache).exists():
         calibration._load_stats(Path(cache))
         return calibration
-    batches = _calibration_batches(model, calibration_data, prepared)
+    batches = _calibration_batches(calibration_data, prepared)
     # A moving average is defined over the user's own batches; a static-batch graph takes one batch size only.
     if Statistic.EMA_MINMAX not in needs and prepared.captured.dynamic_batch:
         batches = _merge_small_batches(batches, MERGED_BATCH)
@@ -353,8 +385,8 @@ def calibrate(
     return calibration
 
 
-def _calibration_batches(model: nn.Module, data: Iterable, prepared: _Prepared):
-    batches = _positional_batches(model, data)
+def _calibration_batches(data: Iterable, prepared: _Prepared):
+    batches = (prepared.binder.batch(batch, index) for index, batch in enumerate(data))
     if not prepared.captured.dynamic_batch:  # the graph accepts only the example's batch size
         batches = _rebatch(batches, _batch_size(prepared.args))
     return batches
@@ -442,30 +474,45 @@ def quantize(
     config: QuantConfig | None = None,
     encodings: str | Path | dict | None = None,
     progress: bool = True,
+    input_fn: InputFn | None = None,
 ) -> QuantizedModel:
     """Quantize `model` to int8 (never modifying it).
 
     calibration_data: an iterable or DataLoader of model inputs (tensor, tuple of tensors, or dict of keyword
-        inputs), streamed once; not needed when `encodings` are given.
-    example_inputs: one input batch used for capture; defaults to the first calibration batch.
-    encodings: parameters saved by `QuantizedModel.save_encodings` (path or dict) to skip calibration.
+        inputs), streamed once; not needed when `encodings` are given.  Batches that do not fit forward() (e.g.
+        (inputs, labels) pairs) are refused: pass `input_fn`.
+    example_inputs: one input batch used for capture (model inputs); defaults to the first calibration batch.
+    encodings: parameters saved by `QuantizedModel.save_encodings` (path or dict) to skip calibration.  Impossible
+        values (NaN, zero or negative scales, zero points out of range) or tensor groups that do not match the
+        model are refused; encodings saved for other weights are used with a warning.
+    input_fn: maps each calibration batch to the model's inputs (a tensor, a tuple of positional inputs or a dict
+        of keyword inputs), as NNCF's transform_fn: `input_fn=lambda batch: batch[0]` for (inputs, labels).
+
+    Float inputs in float64/float16/bfloat16 are cast to float32 with a warning; integer image batches (uint8,
+    int64) are refused with the conversion to write (eightbit does not guess their scaling).  float16/bfloat16
+    models are calibrated and quantized as a float32 copy (a warning and a summary line say so).
     """
     config = config or QuantConfig()
     if encodings is None:
         if calibration_data is None:
             raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
-        calibration = calibrate(model, calibration_data, example_inputs, config=config, progress=progress)
+        calibration = calibrate(
+            model, calibration_data, example_inputs, config=config, progress=progress, input_fn=input_fn
+        )
         return calibration._quantize_once()
     if example_inputs is None:
         raise ValueError("example_inputs is required when quantizing from saved encodings")
     if config.smooth_quant is not None:
         raise ValueError("saved encodings cannot be reused with smooth_quant (the smoothing needs calibration data)")
+    source = saved.read_encodings(encodings)
     prepared = _prepare(model, example_inputs, config)
     insert_observers(prepared.gm, prepared.placement, config.activations)
-    source = _read_encodings(encodings)
+    act = saved.load_activation_encodings(source, prepared.placement, config.activations, prepared.gm)
+    saved.warn_if_other_weights(source, prepared.fingerprint)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
-    weight_ranges = _saved_weight_ranges(source) if lookup_method(config.weights.method).output_aware else None
-    return prepared.finish(_load_activation_encodings(source, prepared.placement), config, weight_ranges)
+    output_aware = lookup_method(config.weights.method).output_aware
+    weight_ranges = saved.saved_weight_ranges(source, prepared.placement, prepared.gm) if output_aware else None
+    return prepared.finish(act, config, weight_ranges)
 
 
 def _peek(data: Iterable):
@@ -476,12 +523,6 @@ def _peek(data: Iterable):
         raise ValueError("calibration_data is empty; pass at least one batch of representative inputs") from None
     rest = data if iterator is not data else itertools.chain([first], iterator)  # re-iterable: start over
     return first, rest
-
-
-def _positional_batches(model: nn.Module, data: Iterable):
-    for batch in data:
-        args, kwargs = as_model_inputs(batch)
-        yield _positional(model, args, kwargs)[0]
 
 
 def _batch_size(args: tuple) -> int:
@@ -507,38 +548,3 @@ def _rebatch(batches, size: int):
         n = _batch_size(rest)
         idx = torch.arange(size) % n
         yield tuple(m[idx] if isinstance(m, torch.Tensor) else m for m in rest)
-
-
-def _read_encodings(source) -> dict:
-    if isinstance(source, dict):
-        return source
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"encodings file {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not a valid eightbit encodings file (JSON): {exc}") from None
-
-
-def _saved_weight_ranges(source: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Layer -> saved weight range (per channel, or 0-d for per-tensor weights)."""
-    found = {}
-    for name, enc in source.get("weights", {}).items():
-        if enc.get("range"):
-            lo, hi = (torch.tensor(v, dtype=torch.float32) for v in enc["range"])
-            found[name] = (lo, hi) if enc.get("axis") is not None else (lo.reshape(()), hi.reshape(()))
-    return found
-
-
-def _load_activation_encodings(source: dict, placement: Placement) -> dict[str, Encoding]:
-    if source.get("version") != ENCODINGS_VERSION or "activations" not in source:
-        raise ValueError(f"unsupported encodings (version {source.get('version')}); re-run calibration")
-    saved = source["activations"]
-    expected = {g: list(m) for g, m in placement.groups.items()}
-    found = {g: list(e.get("tensors", [])) for g, e in saved.items()}
-    if expected != found:
-        raise ValueError(
-            "the encodings were made for a different model or config (tensor groups differ); re-run calibration"
-        )
-    return {g: Encoding(**{**e, "range": tuple(e["range"]) if e.get("range") else None}) for g, e in saved.items()}

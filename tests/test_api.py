@@ -1,12 +1,13 @@
 """The public API on good and bad input."""
 
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from eightbit import CaptureError, QuantConfig, quantize
+from eightbit import CaptureError, QuantConfig, calibrate, int8_weights, quantize, uint8_activations
 from tests.helpers import DepthwiseNet, ResidualNet, calibration_batches
 
 
@@ -142,3 +143,137 @@ def test_merged_calibration_gives_the_same_ranges_as_one_sample_at_a_time():
     for group, enc in merged.activation_encodings.items():
         want = reference.activation_encodings[group].range
         assert [*enc.range[0], *enc.range[1]] == pytest.approx([*want[0], *want[1]], rel=1e-6)
+
+
+def test_misspelled_keep_float_names_are_refused_with_the_closest_names():
+    with pytest.raises(ValueError, match=r"'fcc'.*did you mean.*'fc'"):
+        quantize(ResidualNet().eval(), calibration_batches(), config=QuantConfig(keep_float=("fcc",)), progress=False)
+    qm = quantize(ResidualNet().eval(), calibration_batches(), config=QuantConfig(keep_float=("fc",)), progress=False)
+    assert any("kept float" in why for why in qm.placement.float_ops.values())
+
+
+def _saved_encodings(model=None) -> dict:
+    model = model or ResidualNet().eval()
+    return quantize(model, calibration_batches(), progress=False).encodings()
+
+
+def _first_activation(enc: dict) -> dict:
+    return next(iter(enc["activations"].values()))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("scale", [float("nan")], "scale"),
+        ("scale", [0.0], "scale"),
+        ("scale", [-0.1], "scale"),
+        ("zero_point", [300], "zero point"),
+        ("scale", [0.1, 0.1, 0.1], "1 value"),
+        ("qmin", 5, "qmin"),
+    ],
+)
+def test_encodings_with_impossible_values_are_refused(field, value, message):
+    enc = _saved_encodings()
+    _first_activation(enc)[field] = value
+    with pytest.raises(ValueError, match=message):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=torch.randn(1, 3, 16, 16))
+
+
+def test_malformed_encodings_are_refused_clearly():
+    example = torch.randn(1, 3, 16, 16)
+    for bad in ({"version": 1, "activations": []}, {"version": 1, "activations": {"g": 3}}, [1, 2]):
+        with pytest.raises(ValueError, match="encodings"):
+            quantize(ResidualNet().eval(), encodings=bad, example_inputs=example)
+    enc = _saved_encodings()
+    del _first_activation(enc)["scale"]
+    with pytest.raises(ValueError, match="scale"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example)
+    enc = _saved_encodings()
+    name, weight = next(iter(enc["weights"].items()))
+    weight["range"] = [[float("nan")] * len(weight["range"][0]), weight["range"][1]]
+    config = QuantConfig(weights=int8_weights(method="eq"), activations=uint8_activations(method="eq"))
+    with pytest.raises(ValueError, match=rf"{name}.*range"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example, config=config)
+
+
+def test_encodings_made_for_other_weights_warn():
+    model = ResidualNet().eval()
+    enc = _saved_encodings(model)
+    assert "weights_fingerprint" in enc
+    other = ResidualNet().eval()
+    with pytest.warns(UserWarning, match="other weights"):
+        quantize(other, encodings=enc, example_inputs=torch.randn(1, 3, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        quantize(model, encodings=enc, example_inputs=torch.randn(1, 3, 16, 16))
+        del enc["weights_fingerprint"]  # files saved before fingerprints: accepted as before
+        quantize(other, encodings=enc, example_inputs=torch.randn(1, 3, 16, 16))
+
+
+def _model_state(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def _same_state(model: nn.Module, state) -> bool:
+    values, training, grads = state
+    now = model.state_dict()
+    return (
+        now.keys() == values.keys()
+        and all(torch.equal(now[k], v) and now[k].dtype == v.dtype for k, v in values.items())
+        and model.training == training
+        and {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    )
+
+
+def _labelled(n=8):
+    return [(torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))) for _ in range(n // 4)]
+
+
+def _failure_paths(tmp_path):
+    """(model factory, call that must fail) for each refused input in issue 10."""
+    nan_batches = [torch.randn(1, 3, 16, 16) for _ in range(4)]
+    nan_batches[2][0, 0, 0, 0] = float("nan")
+    bad_enc = _saved_encodings(DepthwiseNet().eval())
+    _first_activation(bad_enc)["scale"] = [0.0]
+    stale = tmp_path / "stale.pt"
+    calibrate(DepthwiseNet().eval(), calibration_batches(), cache=stale, progress=False)
+    return [
+        lambda m: quantize(m, _labelled(), progress=False),
+        lambda m: quantize(m, [(b.abs() * 50).to(torch.uint8) for b in calibration_batches()], progress=False),
+        lambda m: quantize(m, [*calibration_batches(2), torch.randn(8, 3, 20, 20)], progress=False),
+        lambda m: quantize(m, nan_batches, progress=False),
+        lambda m: quantize(m, calibration_batches(), config=QuantConfig(keep_float=("pww",)), progress=False),
+        lambda m: quantize(m, encodings=bad_enc, example_inputs=torch.randn(1, 3, 16, 16)),
+        lambda m: calibrate(m, calibration_batches(), cache=stale, progress=False),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_users_model_is_unchanged_after_every_refusal(tmp_path, dtype):
+    for i, fail in enumerate(_failure_paths(tmp_path)):
+        model = DepthwiseNet().train().to(dtype)
+        model.stem.weight.requires_grad_(False)
+        if i == 6:  # the stale cache: same graph, other weights
+            model.pw.weight.data.mul_(2)
+        state = _model_state(model)
+        with pytest.raises((ValueError, TypeError)), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fail(model)
+        assert _same_state(model, state), i
+
+
+def test_saved_weight_ranges_must_match_the_models_layers():
+    config = QuantConfig(weights=int8_weights(method="eq"), activations=uint8_activations(method="eq"))
+    example = torch.randn(1, 3, 16, 16)
+    enc = quantize(ResidualNet().eval(), calibration_batches(), config=config, progress=False).encodings()
+    name, weight = next((n, w) for n, w in enc["weights"].items() if w.get("axis") is not None)
+    weight["range"] = [weight["range"][0][:3], weight["range"][1][:3]]
+    with pytest.raises(ValueError, match=rf"{name}.*3 values"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example, config=config)
+    enc["weights"]["no_such_layer"] = enc["weights"].pop(name)
+    with pytest.raises(ValueError, match="no_such_layer"):
+        quantize(ResidualNet().eval(), encodings=enc, example_inputs=example, config=config)

@@ -227,3 +227,12 @@ def test_input_shape_that_does_not_match_a_saved_program(npy_folder, tmp_path, c
     args = _quantize(str(tmp_path / "m.pt2"), npy_folder, tmp_path / "p.onnx", "--input-shape", "1,3,32,32")
     assert main(args) == 2
     assert "does not match the shape the program was exported with, 2,3,16,16" in capsys.readouterr().err
+def test_misspelled_keep_float_exits_with_the_closest_names(tmp_path, capsys):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        np.save(calib / f"{i}.npy", np.random.rand(1, 3, 16, 16).astype(np.float32))
+    argv = ["quantize", "tests.helpers:DepthwiseNet", "--calib", str(calib), "--out", str(tmp_path / "m.onnx")]
+    code = main([*argv, "--keep-float", "stme", "--input-shape", "1,3,16,16", "--quiet"])
+    assert code == 2
+    assert "did you mean" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -49,11 +49,13 @@ def compare_methods(
     example_inputs=None,
     progress: bool = True,
     input_samples: int = 32,
+    input_fn=None,
 ) -> tuple[float, list[MethodResult]]:
     """Quantize `model` with every activation x weight method pair, then each (activation, weight) pair in
     `extra_pairs`, and measure each against the float model on `eval_inputs`.  Returns (seconds of the one
     shared calibration pass, results).  Output-aware methods (eq, cross_entropy) search on the first
-    `input_samples` calibration samples; their search counts in their convert time."""
+    `input_samples` calibration samples; their search counts in their convert time.  `input_fn`: as in
+    `eightbit.calibrate` (calibration batch -> model inputs)."""
     config = config or QuantConfig()
     pairs = [(m, w) for w in weight_methods for m in methods] + [tuple(p) for p in extra_pairs]
     every = [name for pair in pairs for name in pair]
@@ -66,10 +68,14 @@ def compare_methods(
         methods=every,
         progress=progress,
         input_samples=input_samples,
+        input_fn=input_fn,
     )
     pass_seconds = time.perf_counter() - start
+    modes = [(m, m.training) for m in model.modules()]
     with torch.no_grad():
         reference = model.eval()(eval_inputs)
+    for module, training in modes:  # the user's model is left as it was given
+        module.training = training
     results = []
     for method, weight_method in pairs:
         variant = replace(

@@ -9,6 +9,8 @@ re-quantizing.  Tensors that get a Q/DQ pair are grouped; each group gets one ob
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +182,24 @@ def _keep_float_reason(node: fx.Node, rule: OpRule, config: QuantConfig) -> str 
         if path == name or path.startswith(name + "."):
             return f"module {name!r} kept float by config"
     return None
+
+
+def check_keep_float(gm: fx.GraphModule, keep_float: Iterable[str], known: Iterable[str] = ()) -> None:
+    """Refuse `keep_float` names that are no module of the model (a misspelled name would keep nothing float),
+    naming the closest ones.  Known: every module path recorded in the graph, its parents, and `known`."""
+    names = set(known)
+    for node in gm.graph.nodes:
+        parts = module_path(node).split(".") if module_path(node) else []
+        names.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    names.discard("")
+    for name in keep_float:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"modules include {sorted(names)[:8]}"
+            raise ValueError(
+                f"keep_float name {name!r} is not a module of this model; {hint} "
+                "(names are as in model.named_modules())"
+            )
 
 
 def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:

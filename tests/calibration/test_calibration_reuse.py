@@ -79,3 +79,48 @@ def test_compare_methods_table():
     assert all(0.0 <= r.top1_agreement <= 1.0 and r.mean_kl >= 0 and r.mean_cosine > 0.9 for r in results)
     table = format_results(results, seconds)
     assert "| kl | mse |" in table and "one calibration pass" in table
+
+
+def test_cache_of_other_weights_is_refused(tmp_path):
+    cache = tmp_path / "stats.pt"
+    model = ResidualNet().eval()
+    calibrate(model, calibration_batches(), cache=cache, progress=False)
+    with torch.no_grad():
+        model.conv.weight.mul_(3)  # same graph, new weights (fine-tuned, or another checkpoint)
+    with pytest.raises(ValueError, match=r"(?i)weights.*differ.*delete"):
+        calibrate(model, calibration_batches(), cache=cache, progress=False)
+
+
+def test_cache_of_another_format_version_is_refused(tmp_path):
+    cache = tmp_path / "stats.pt"
+    model = ResidualNet().eval()
+    calibrate(model, calibration_batches(), cache=cache, progress=False)
+    payload = torch.load(cache, weights_only=True)
+    payload["version"] = 99
+    torch.save(payload, cache)
+    with pytest.raises(ValueError, match=r"(?i)format version 99.*delete"):
+        calibrate(model, calibration_batches(), cache=cache, progress=False)
+
+
+def test_weights_fingerprint_is_cheap_and_sensitive():
+    import time
+
+    from eightbit.saved import weights_fingerprint
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(24)])  # 100 MB, as ResNet-50
+    start = time.perf_counter()
+    first = weights_fingerprint(model)
+    assert time.perf_counter() - start < 2.0
+    assert weights_fingerprint(model) == first
+    with torch.no_grad():
+        model[3].bias[7] += 1e-6
+    assert weights_fingerprint(model) != first
+
+
+def test_compare_methods_takes_input_fn_and_leaves_the_model_in_training_mode():
+    model = DepthwiseNet().train()
+    pairs = [(x, torch.randint(0, 5, (8,))) for x in calibration_batches()]
+    _, results = compare_methods(
+        model, pairs, torch.randn(8, 3, 16, 16), methods=("minmax",), input_fn=lambda b: b[0], progress=False
+    )
+    assert results[0].mean_cosine > 0.9 and model.training
