@@ -50,6 +50,7 @@ class QuantizedModel(nn.Module):
         input_names: list[str],
         folded_batchnorms: int,
         smooth_alpha: float | None = None,
+        notes: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -63,6 +64,7 @@ class QuantizedModel(nn.Module):
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self.smooth_alpha = smooth_alpha
+        self.notes = list(notes or [])  # numerical caveats: float biases, collapsed ranges (also in summary())
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -125,6 +127,7 @@ class QuantizedModel(nn.Module):
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}"
             + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
+            *(f"note: {n}" for n in self.notes),
             "",
         ]
         rows = [(name, rule.kind.value, "int8", "") for name, rule in self.placement.quantized_ops.items()]
@@ -266,10 +269,13 @@ class _Prepared:
     smooth_alpha: float | None = None
 
     def finish(
-        self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None
+        self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None, notes=()
     ) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
-        weights = convert(self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges)
+        notes = list(notes)
+        weights = convert(
+            self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges, notes=notes
+        )
         example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
         return QuantizedModel(
             self.gm,
@@ -282,6 +288,7 @@ class _Prepared:
             input_names=self.input_names,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
+            notes=notes,
         )
 
 

@@ -230,8 +230,12 @@ def weight_mse(w: torch.Tensor, spec, axis: int | None) -> Range:
 
 def admm_scale(rows: torch.Tensor, qmin: int, qmax: int, iterations: int = 50) -> torch.Tensor:
     """Symmetric per-row scale by alternating minimisation (MNN's ADMM): q = clip(round(w / s)), then the
-    least-squares s = <w, q> / <q, q>, until the codes stop changing.  The result is a fixed point."""
-    scale = rows.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    least-squares s = <w, q> / <q, q>, until the codes stop changing.  The result is a fixed point.
+
+    An all-zero row gets scale 0 (not a tiny placeholder), so that `qmath.qparams_from_range` gives it the
+    scale borrowed from the other channels, and a bias quantized with it keeps a sensible step."""
+    peak = rows.abs().amax(dim=1)
+    scale = peak.clamp_min(1e-12) / qmax
     codes = None
     for _ in range(iterations):
         new_codes = torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
@@ -240,7 +244,7 @@ def admm_scale(rows: torch.Tensor, qmin: int, qmax: int, iterations: int = 50) -
         codes = new_codes
         energy = (codes * codes).sum(dim=1)
         scale = torch.where(energy > 0, (rows * codes).sum(dim=1) / energy.clamp_min(1e-12), scale)
-    return scale
+    return torch.where(peak > 0, scale, torch.zeros_like(scale))
 
 
 def weight_admm(w: torch.Tensor, spec, axis: int | None) -> Range:
@@ -290,8 +294,10 @@ def power_of_two(
     """Round scales to powers of two (for shift-only hardware), per element choosing floor or ceil by
     `error(scale, zero_point)`; without an error function, ceil (never clips more than the method chose)."""
     exponent = torch.log2(scale)
+    # The largest power of two whose whole code grid stays finite in float32 (only huge ranges reach it).
+    top = math.floor(math.log2(torch.finfo(torch.float32).max / max(1, spec.qmax - spec.qmin)))
     options = []
-    for s in (torch.exp2(torch.floor(exponent)), torch.exp2(torch.ceil(exponent))):
+    for s in (torch.exp2(torch.floor(exponent).clamp(max=top)), torch.exp2(torch.ceil(exponent).clamp(max=top))):
         z = (
             zp
             if spec.symmetric
