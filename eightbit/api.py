@@ -15,6 +15,7 @@ from torch import fx, nn
 
 from eightbit.calibration.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
 from eightbit.calibration.encodings import Encoding, activation_encodings
+from eightbit.calibration.health import warn_collapsed_ranges
 from eightbit.calibration.methods import lookup_method
 from eightbit.calibration.observers import InputSamples, Observer, Statistic
 from eightbit.calibration.refine import output_aware_ranges
@@ -214,7 +215,8 @@ class Calibration:
                 overflow_fix=overflow_fix_active(config, hw.saturation_risk()),
             )
             act = activation_encodings(observers, prepared.placement, config.activations, act_ranges)
-        return prepared.finish(act, config, weight_ranges)
+        notes = warn_collapsed_ranges(observers, act, config.activations)
+        return prepared.finish(act, config, weight_ranges, notes)
 
     def _sample_batches(self) -> list[tuple]:
         """The kept input samples as batches the captured graph accepts."""

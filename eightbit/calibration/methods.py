@@ -116,6 +116,7 @@ def mse_range(stats: dict, spec) -> Range:
     lo, hi = float(mm.lo) * factors, float(mm.hi) * factors
     if hist.tail_count():
         core_lo, core_hi = hist.occupied()
+        core_lo, core_hi = max(core_lo, float(mm.lo)), min(core_hi, float(mm.hi))
         lo, hi = torch.cat([lo, min(core_lo, 0.0) * factors]), torch.cat([hi, max(core_hi, 0.0) * factors])
     scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric)
     best = int(torch.argmin(histogram_error(hist, scale, zp, spec)))

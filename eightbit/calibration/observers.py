@@ -20,6 +20,7 @@ class Statistic(enum.Enum):
     HISTOGRAM = "histogram"
     CHANNEL_MEAN = "channel_mean"
     INPUT_SAMPLES = "input_samples"  # the first few model inputs (output-aware methods replay them)
+    SKETCH = "sketch"  # a histogram of ~4096 values per batch, where no full histogram is kept (range checks)
 
 
 class EmaMinMaxStats:
@@ -101,7 +102,7 @@ class MinMaxStats:
 
 # Far outliers: when all but this share of the values lie within 1/OUTLIER_RATIO of a histogram's range, its uniform
 # bins are spent on that dense part and the rest is kept in log-spaced tail bins (see `HistogramStats`).
-OUTLIER_SHARE = 1e-3
+OUTLIER_SHARE = 1e-2
 OUTLIER_RATIO = 128
 _TAIL_PER_OCTAVE = 8
 _TAIL_OFFSET = 150 * _TAIL_PER_OCTAVE  # magnitudes from 2^-150 (float32 subnormals) ...
@@ -407,6 +408,16 @@ _COLLECTORS = {
 }
 
 
+SKETCH_SAMPLES = 4096
+
+
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """About SKETCH_SAMPLES values of `x` at an odd stride (an even one could keep aligning with rows)."""
+    flat = x.detach().reshape(-1)
+    stride = flat.numel() // SKETCH_SAMPLES | 1
+    return flat[::stride]
+
+
 class Observer(nn.Module):
     """Identity module that records statistics: min/max and channel means always, plus what the calibration
     method declares it needs.  One instance may observe several tensors that must share quantization
@@ -423,6 +434,9 @@ class Observer(nn.Module):
         for statistic in needs:
             if statistic in _COLLECTORS:
                 self.stats[statistic] = _COLLECTORS[statistic](spec)
+        if Statistic.HISTOGRAM not in self.stats:
+            # Cheap (a few thousand values per batch): lets `calibration.health` check any method's range.
+            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits))
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,6 +451,8 @@ class Observer(nn.Module):
         for statistic, collector in self.stats.items():
             if statistic is Statistic.HISTOGRAM:
                 collector.update(x, (float(lo.min()), float(hi.max())))
+            elif statistic is Statistic.SKETCH:
+                collector.update(_sample(x))
             elif statistic is not Statistic.MINMAX:
                 collector.update(x)
         self.batches += 1
