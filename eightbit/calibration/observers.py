@@ -282,9 +282,15 @@ class HistogramStats:
         factor = 1
         while self.lo - pad_left * self.width + self.bins * factor * self.width < hi:
             factor *= 2
-        padded = torch.zeros(self.bins * factor, dtype=torch.float64)
-        padded[pad_left : pad_left + self.bins] = self.counts
-        self.counts = padded.reshape(self.bins, factor).sum(dim=1)
+        # Old bin i lands in new bin (pad_left + i) // factor: the same sums as padding and summing groups of
+        # `factor` bins, without allocating bins * factor values (a range that grows 1e6-fold would need GBs).
+        if factor <= 1 << 40:
+            index = (pad_left + torch.arange(self.bins, dtype=torch.int64)) // factor
+        else:  # every old bin falls into one or two new ones: keep them together
+            index = torch.full((self.bins,), (pad_left + self.bins // 2) // factor, dtype=torch.int64)
+        self.counts = torch.zeros(self.bins, dtype=torch.float64).index_add_(
+            0, index.clamp(0, self.bins - 1), self.counts
+        )
         self.lo -= pad_left * self.width
         self.width *= factor
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from eightbit import QuantConfig, quantize, uint8_activations
-from eightbit.calibration.health import CollapsedRangeWarning
+from eightbit import CollapsedRangeWarning, QuantConfig, quantize, uint8_activations
 from tests.helpers import DepthwiseNet, ResidualNet, calibration_batches
 
 
