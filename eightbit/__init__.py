@@ -1,6 +1,7 @@
 """eightbit: PyTorch models to int8 that really run faster, keep their accuracy, and explain themselves."""
 
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
+from eightbit.calibration.health import CollapsedRangeWarning
 from eightbit.config import (
     Granularity,
     OpKind,
@@ -18,6 +19,7 @@ __all__ = [
     "Calibration",
     "calibrate",
     "CaptureError",
+    "CollapsedRangeWarning",
     "Granularity",
     "OpKind",
     "ParityError",

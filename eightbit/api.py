@@ -15,6 +15,7 @@ from torch import fx, nn
 from eightbit import saved
 from eightbit.calibration.calibrate import OBSERVER_PREFIX, insert_observers, run_calibration
 from eightbit.calibration.encodings import Encoding, activation_encodings
+from eightbit.calibration.health import warn_collapsed_ranges
 from eightbit.calibration.methods import lookup_method
 from eightbit.calibration.observers import InputSamples, Observer, Statistic
 from eightbit.calibration.refine import output_aware_ranges
@@ -50,7 +51,7 @@ class QuantizedModel(nn.Module):
         input_names: list[str],
         folded_batchnorms: int,
         smooth_alpha: float | None = None,
-        notes: tuple[str, ...] = (),
+        notes: list[str] | None = None,
         weights_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
@@ -65,7 +66,7 @@ class QuantizedModel(nn.Module):
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self.smooth_alpha = smooth_alpha
-        self.notes = notes
+        self.notes = list(notes or [])  # what the user should know: float32 copy, float biases, collapsed ranges
         self.weights_fingerprint = weights_fingerprint  # of the float model: saved encodings are checked with it
         self._example_args = example_args
 
@@ -133,8 +134,8 @@ class QuantizedModel(nn.Module):
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}"
             + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
-            *self.notes,
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
+            *(f"note: {n}" for n in self.notes),
             "",
         ]
         rows = [(name, rule.kind.value, "int8", "") for name, rule in self.placement.quantized_ops.items()]
@@ -214,7 +215,8 @@ class Calibration:
                 overflow_fix=overflow_fix_active(config, hw.saturation_risk()),
             )
             act = activation_encodings(observers, prepared.placement, config.activations, act_ranges)
-        return prepared.finish(act, config, weight_ranges)
+        notes = warn_collapsed_ranges(observers, act, config.activations)
+        return prepared.finish(act, config, weight_ranges, notes)
 
     def _sample_batches(self) -> list[tuple]:
         """The kept input samples as batches the captured graph accepts."""
@@ -272,10 +274,13 @@ class _Prepared:
     smooth_alpha: float | None = None
 
     def finish(
-        self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None
+        self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None, notes=()
     ) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
-        weights = convert(self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges)
+        notes = list(notes)
+        weights = convert(
+            self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges, notes=notes
+        )
         example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
         return QuantizedModel(
             self.gm,
@@ -288,7 +293,7 @@ class _Prepared:
             input_names=self.input_names,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
-            notes=self.notes,
+            notes=[*self.notes, *notes],
             weights_fingerprint=self.fingerprint,
         )
 

@@ -58,13 +58,16 @@ def convert(
     *,
     overflow_fix: bool = False,
     weight_ranges: dict | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Encoding]:
     """Rewrite the observed graph in place into the quantized graph; returns the weight encodings.
 
     With `overflow_fix`, weights of GEMM-backed layers (all but depthwise convolutions) use 7-bit codes.
     weight_ranges: layer node name -> (lo, hi) per channel chosen by an output-aware search (`calibration.refine`),
         used instead of the weight method's range; biases are quantized with the resulting scales.
+    notes: if given, one line is appended per layer whose bias had to stay float (see `_quantize_bias`).
     """
+    notes = [] if notes is None else notes
     weight_ranges = weight_ranges or {}
     dq_of_call: dict[fx.Node, Encoding] = {}
     for call in list(gm.graph.nodes):
@@ -97,7 +100,7 @@ def convert(
             _linear_as_matmul(gm, node, q, enc, shift)
             continue
         args[rule.weight_arg] = _dequantized_constant(gm, node, f"{node.name}_weight", q, enc)
-        _quantize_bias(gm, node, rule, args, dq_of_call, scale, shift)
+        _quantize_bias(gm, node, rule, args, dq_of_call, scale, shift, notes)
         node.args = tuple(args)
     if config.quantize_embeddings:
         quantize_embeddings(gm)
@@ -194,20 +197,30 @@ def _bias_shift(node, rule, args, dq_of_call, w, q, enc) -> torch.Tensor | None:
     return bias_shift(error, mean, groups).float()
 
 
-def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None) -> None:
+def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None, notes=None) -> None:
     """Store the bias (minus any correction) as int32 at scale input_scale * weight_scale: what int8 kernels
-    accumulate into, and what ONNX Runtime needs to fuse a float-output Gemm."""
+    accumulate into, and what ONNX Runtime needs to fuse a float-output Gemm.
+
+    A bias that int32 cannot hold at that scale (tiny inputs times tiny weights, or a degenerate scale) stays
+    float, and a line saying so is appended to `notes`: saturated codes would silently change the layer."""
     pos = rule.bias_arg
     bias = attr_value(gm, args[pos]) if pos is not None and pos < len(args) else None
     source = args[rule.activation_args[0]]
     act = dq_of_call.get(source)
     if bias is None or act is None or act.axis is not None:
         return
-    if shift is not None:
-        bias = bias.detach().float() - shift
+    bias = bias.detach().float() - (0 if shift is None else shift)
     in_scale = torch.tensor(act.scale[0])
     scale = (in_scale * w_scale).reshape(-1).expand(bias.shape[0]).contiguous()
-    q = qmath.quantize_bias(bias.detach().float(), in_scale, w_scale)
+    if not qmath.bias_representable(bias, in_scale, w_scale):
+        _float_bias_after(gm, node, args, pos, bias)
+        if notes is not None:
+            notes.append(
+                f"{node.name}: bias kept in float (at scale input x weight = {float(scale.min()):.3g} its int32 "
+                f"codes would overflow; max |bias| {float(bias.abs().max()):.3g})"
+            )
+        return
+    q = qmath.quantize_bias(bias, in_scale, w_scale)
     enc = Encoding(scale.tolist(), [0] * bias.shape[0], -(2**31) + 1, 2**31 - 1, 0)
     nodes = [
         add_constant(gm, node, f"{node.name}_bias_q", q),
@@ -216,6 +229,24 @@ def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None) -> Non
     ]
     with gm.graph.inserting_before(node):
         args[pos] = gm.graph.call_function(ops.DEQUANTIZE, (*nodes, enc.axis))
+
+
+def _float_bias_after(gm: fx.GraphModule, node: fx.Node, args: list, pos: int, bias: torch.Tensor) -> None:
+    """op(x, w, b) -> op(x, w) + b, with b a float constant shaped to broadcast over the output channels.
+
+    A float bias read by the op itself is not enough: ONNX Runtime's QDQ fusion still turns DQ -> Conv/Gemm
+    into an integer kernel and converts that bias to int32 at input_scale * weight_scale, where it overflows.
+    A separate Add keeps the int8 product and adds the bias in float."""
+    args[pos] = None
+    val = node.meta.get("val")
+    rank = val.dim() if isinstance(val, torch.Tensor) else 2
+    shape = (-1,) if node.target is torch.ops.aten.linear.default else (-1,) + (1,) * max(0, rank - 2)
+    b_node = add_constant(gm, node, f"{node.name}_bias_float", bias.reshape(shape))
+    with gm.graph.inserting_after(node):
+        out = gm.graph.call_function(torch.ops.aten.add.Tensor, (node, b_node))
+    node.replace_all_uses_with(out, delete_user_cb=lambda user: user is not out)
+    if isinstance(val, torch.Tensor):
+        out.meta["val"] = val
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:

@@ -53,27 +53,28 @@ class Method:
 def minmax_range(stats: dict, spec) -> Range:
     """The observed minimum and maximum."""
     mm: MinMaxStats = stats[Statistic.MINMAX]
-    return mm.lo, mm.hi
+    return _with_zero(mm.lo, mm.hi) if mm.lo.dim() == 0 else (mm.lo.clamp(max=0), mm.hi.clamp(min=0))
 
 
 def ema_range(stats: dict, spec) -> Range:
     """Moving averages of the per-batch minimum and maximum."""
     ema: EmaMinMaxStats = stats[Statistic.EMA_MINMAX]
-    return ema.lo.float(), ema.hi.float()
+    return _with_zero(ema.lo, ema.hi)
 
 
 def histogram_quantile(hist: HistogramStats, q: float) -> float:
     """The q-quantile (0..1) of the histogrammed data, interpolating linearly inside a bin."""
-    cdf = torch.cumsum(hist.counts, 0)
+    left, right, _, counts = hist.view()
+    cdf = torch.cumsum(counts, 0)
     total = float(cdf[-1])
     if total == 0:
         return 0.0
     target = q * total
-    idx = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=hist.bins - 1))
+    idx = int(torch.searchsorted(cdf, torch.tensor([target], dtype=torch.float64))[0].clamp(max=len(counts) - 1))
     before = float(cdf[idx - 1]) if idx > 0 else 0.0
-    inside = float(hist.counts[idx])
+    inside = float(counts[idx])
     frac = (target - before) / inside if inside > 0 else 0.0
-    return hist.lo + (idx + frac) * hist.width
+    return float(left[idx]) + frac * float(right[idx] - left[idx])
 
 
 def percentile_range(stats: dict, spec) -> Range:
@@ -83,27 +84,43 @@ def percentile_range(stats: dict, spec) -> Range:
     p = spec.percentile / 100.0
     lo = max(histogram_quantile(hist, 1.0 - p), float(mm.lo))
     hi = min(histogram_quantile(hist, p), float(mm.hi))
-    return torch.tensor(lo), torch.tensor(hi)
+    return _with_zero(lo, hi)
+
+
+def _with_zero(lo: float, hi: float) -> Range:
+    """(lo, hi) widened to contain 0, as every range is before it becomes a scale (real zero is exact)."""
+    return torch.tensor(min(float(lo), 0.0)), torch.tensor(max(float(hi), 0.0))
 
 
 def histogram_error(hist: HistogramStats, scale: torch.Tensor, zp: torch.Tensor, spec) -> torch.Tensor:
     """Squared quantization error of the histogrammed data for each candidate (scale, zero point), vectorised
-    over candidates.  Each bin is represented by its centre, weighted by its count."""
-    centres = (hist.edges()[:-1] + hist.width / 2).float()
+    over candidates.  Each bin is represented by its centre, weighted by its count.  Far outliers (a
+    histogram's tails) are left out: counted, one 1e6 among values of size 1 outweighs all of them, and the
+    least-error range keeps it and puts every other value into one code."""
+    _, _, centres, counts = hist.core_view()
+    centres = centres.float()
     scale, zp = scale.reshape(-1), zp.reshape(-1)
     q = torch.clamp(torch.round(centres[None, :] / scale[:, None]) + zp[:, None], spec.qmin, spec.qmax)
     error = ((q - zp[:, None]) * scale[:, None] - centres[None, :]) ** 2
-    return (error.double() * hist.counts[None, :]).sum(dim=1)
+    return (error.double() * counts[None, :]).sum(dim=1)
 
 
 def mse_range(stats: dict, spec) -> Range:
-    """The range, shrunk from min/max by a common factor, that minimises the L2 quantization error."""
+    """The range, shrunk from min/max by a common factor, that minimises the L2 quantization error.
+
+    Factors run from 1 down to 5% of the observed range, then geometrically down to 1/256 of it; with far
+    outliers (see `HistogramStats`) the same factors are also applied to the dense part's range."""
     mm: MinMaxStats = stats[Statistic.MINMAX]
-    factors = torch.linspace(0.05, 1.0, 96)
+    hist: HistogramStats = stats[Statistic.HISTOGRAM]
+    factors = torch.cat([torch.linspace(0.05, 1.0, 96), torch.logspace(math.log10(1 / 256), math.log10(0.05), 24)[:-1]])
     lo, hi = float(mm.lo) * factors, float(mm.hi) * factors
+    if hist.tail_count():
+        core_lo, core_hi = hist.occupied()
+        core_lo, core_hi = max(core_lo, float(mm.lo)), min(core_hi, float(mm.hi))
+        lo, hi = torch.cat([lo, min(core_lo, 0.0) * factors]), torch.cat([hi, max(core_hi, 0.0) * factors])
     scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric)
-    best = int(torch.argmin(histogram_error(stats[Statistic.HISTOGRAM], scale, zp, spec)))
-    return lo[best], hi[best]
+    best = int(torch.argmin(histogram_error(hist, scale, zp, spec)))
+    return _with_zero(lo[best], hi[best])
 
 
 def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
@@ -151,23 +168,29 @@ def kl_range(stats: dict, spec) -> Range:
     as the type has codes; signed data on a histogram of |x| with half as many (TensorRT's symmetric scheme).
     The search runs on the observer's histogram (2048 bins up to 8 bits, more for wider types, see
     `histogram_bins`; fewer after range growth); with no more bins than levels there is nothing to choose and
-    the full range is kept."""
+    the full range is kept.  With far outliers (tails, see `HistogramStats`) the search spans the dense part
+    only and the outliers are folded into its last bin.  The threshold never drops below the smallest
+    magnitude seen (a clip below every value scores a perfect KL of 0 and saturates everything), and the
+    range always contains 0."""
     hist: HistogramStats = stats[Statistic.HISTOGRAM]
     mm: MinMaxStats = stats[Statistic.MINMAX]
     lo, hi = float(mm.lo), float(mm.hi)
     levels = spec.qmax - spec.qmin + 1
-    centres = hist.edges()[:-1] + hist.width / 2
+    _, _, centres, counts = hist.view()
     if lo >= 0:
         magnitude, top = centres, hi
     else:
         magnitude, top, levels = centres.abs(), max(-lo, hi), max(2, levels // 2)
+    if hist.tail_count():
+        top = min(top, max(abs(hist.lo), abs(hist.hi)))
+    floor = lo if lo > 0 else -hi if hi < 0 else 0.0  # the smallest magnitude present
     # Fold at the observer's own resolution: re-binning into finer bins than were observed leaves a comb of
     # empty bins, and the KL search then "finds" thresholds where each group holds one nonzero bin.
     bins = min(max(8192, 8 * levels), int(round(top / hist.width))) if top > 0 else 0
-    if bins <= levels:
-        return torch.tensor(lo), torch.tensor(hi)  # too few observed bins to choose a clip
+    if bins <= levels or floor >= top:
+        return _with_zero(lo, hi)  # too few observed bins to choose a clip
     folded = torch.zeros(bins, dtype=torch.float64).index_add_(
-        0, (magnitude / top * bins).long().clamp(0, bins - 1), hist.counts
+        0, (magnitude / top * bins).long().clamp(0, bins - 1), counts
     )
     if lo >= 0:
         # The exact zeros of a ReLU are a spike in bin 0 that any clip represents exactly; left in, they
@@ -176,8 +199,8 @@ def kl_range(stats: dict, spec) -> Range:
     # Every 4th candidate (neighbouring thresholds differ by well under 1% of the range), sparser at high bit
     # widths so that the [candidates, levels] work stays below ~2 M entries.
     stride = max(4, math.ceil((bins - levels) * levels / (1 << 21)))
-    threshold = kl_threshold(folded, min(levels, bins), stride=stride) * top / bins
-    return torch.tensor(max(lo, -threshold)), torch.tensor(min(hi, threshold))
+    threshold = max(kl_threshold(folded, min(levels, bins), stride=stride) * top / bins, floor)
+    return _with_zero(max(lo, -threshold), min(hi, threshold))
 
 
 # -------------------------------------------------------------------------------------------------- weights
@@ -191,6 +214,8 @@ def _per_channel(w: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def _shape_range(lo: torch.Tensor, hi: torch.Tensor, axis: int | None) -> Range:
+    """Per-channel (lo, hi) widened to contain 0, reshaped to 0-d for a per-tensor weight."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     return (lo.reshape(()), hi.reshape(())) if axis is None else (lo, hi)
 
 
@@ -230,8 +255,12 @@ def weight_mse(w: torch.Tensor, spec, axis: int | None) -> Range:
 
 def admm_scale(rows: torch.Tensor, qmin: int, qmax: int, iterations: int = 50) -> torch.Tensor:
     """Symmetric per-row scale by alternating minimisation (MNN's ADMM): q = clip(round(w / s)), then the
-    least-squares s = <w, q> / <q, q>, until the codes stop changing.  The result is a fixed point."""
-    scale = rows.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    least-squares s = <w, q> / <q, q>, until the codes stop changing.  The result is a fixed point.
+
+    An all-zero row gets scale 0 (not a tiny placeholder), so that `qmath.qparams_from_range` gives it the
+    scale borrowed from the other channels, and a bias quantized with it keeps a sensible step."""
+    peak = rows.abs().amax(dim=1)
+    scale = torch.where(peak > 0, peak, torch.ones_like(peak)) / qmax
     codes = None
     for _ in range(iterations):
         new_codes = torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax)
@@ -240,7 +269,7 @@ def admm_scale(rows: torch.Tensor, qmin: int, qmax: int, iterations: int = 50) -
         codes = new_codes
         energy = (codes * codes).sum(dim=1)
         scale = torch.where(energy > 0, (rows * codes).sum(dim=1) / energy.clamp_min(1e-12), scale)
-    return scale
+    return torch.where(peak > 0, scale, torch.zeros_like(scale))
 
 
 def weight_admm(w: torch.Tensor, spec, axis: int | None) -> Range:
@@ -290,8 +319,10 @@ def power_of_two(
     """Round scales to powers of two (for shift-only hardware), per element choosing floor or ceil by
     `error(scale, zero_point)`; without an error function, ceil (never clips more than the method chose)."""
     exponent = torch.log2(scale)
+    # The largest power of two whose whole code grid stays finite in float32 (only huge ranges reach it).
+    top = math.floor(math.log2(torch.finfo(torch.float32).max / max(1, spec.qmax - spec.qmin)))
     options = []
-    for s in (torch.exp2(torch.floor(exponent)), torch.exp2(torch.ceil(exponent))):
+    for s in (torch.exp2(torch.floor(exponent).clamp(max=top)), torch.exp2(torch.ceil(exponent).clamp(max=top))):
         z = (
             zp
             if spec.symmetric

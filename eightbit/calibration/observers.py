@@ -20,6 +20,7 @@ class Statistic(enum.Enum):
     HISTOGRAM = "histogram"
     CHANNEL_MEAN = "channel_mean"
     INPUT_SAMPLES = "input_samples"  # the first few model inputs (output-aware methods replay them)
+    SKETCH = "sketch"  # a histogram of ~4096 values per batch, where no full histogram is kept (range checks)
 
 
 class EmaMinMaxStats:
@@ -99,11 +100,27 @@ class MinMaxStats:
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 
 
+# Far outliers: when all but this share of the values lie within 1/OUTLIER_RATIO of a histogram's range, its uniform
+# bins are spent on that dense part and the rest is kept in log-spaced tail bins (see `HistogramStats`).
+OUTLIER_SHARE = 1e-2
+OUTLIER_RATIO = 128
+_TAIL_PER_OCTAVE = 8
+_TAIL_OFFSET = 150 * _TAIL_PER_OCTAVE  # magnitudes from 2^-150 (float32 subnormals) ...
+_TAIL_BINS = _TAIL_OFFSET + 129 * _TAIL_PER_OCTAVE  # ... to 2^129 (beyond the float32 maximum)
+
+
 class HistogramStats:
     """A fixed-size histogram whose range grows when a batch falls outside it.
 
     Growth widens each bin by an integer factor and sums groups of old bins, so the counts stay exact
     (no re-interpolation error accumulates over batches).
+
+    Far outliers would make those bins useless: one 1e6 among values of size 1 puts all the others into one
+    bin.  So when all but `OUTLIER_SHARE` of the values lie within 1/`OUTLIER_RATIO` of the range (on the first
+    batch, or when a later batch would widen the range that much), the uniform bins cover only that dense part
+    (the core, re-counted at full resolution) and the values beyond it are counted in log-spaced tail bins (8
+    per octave, allocated only then), with their exact extremes.  Memory stays bounded; ordinary data never
+    has tails and is binned exactly as before.  `view()` gives the combined histogram.
     """
 
     def __init__(self, bins: int = 2048) -> None:
@@ -111,6 +128,9 @@ class HistogramStats:
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.lo = 0.0
         self.width = 0.0  # bin width; 0 until the first nonzero-range batch
+        # [below the core, above it] x [negative, non-negative] x log2 magnitude; None until a far outlier.
+        self.tails: torch.Tensor | None = None
+        self.tail_extremes: list[float] = [math.inf, -math.inf]
 
     @property
     def hi(self) -> float:
@@ -122,8 +142,131 @@ class HistogramStats:
         if x.numel() == 0:
             return
         lo, hi = batch_range or (float(v) for v in torch.aminmax(x))
-        self._cover(lo, hi)
-        self.counts += bin_counts(x, self.lo, self.width, self.bins)
+        if self.width == 0.0:
+            self._cover(lo, hi)
+            self.counts += bin_counts(x, self.lo, self.width, self.bins)
+            self._split_off_outliers(x)
+            return
+        inside = lo >= self.lo and hi <= self.hi
+        if inside or self.tails is None and (self._growth(lo, hi) < OUTLIER_RATIO / 2 or self._is_spike()):
+            self._cover(lo, hi)
+            self.counts += bin_counts(x, self.lo, self.width, self.bins)
+            return
+        self._count_with_tails(x)
+
+    def tail_count(self) -> float:
+        """How many values were counted in the outlier tails (0 for ordinary data)."""
+        return 0.0 if self.tails is None else float(self.tails.sum())
+
+    def _growth(self, lo: float, hi: float) -> float:
+        return (max(hi, self.hi) - min(lo, self.lo)) / (self.hi - self.lo)
+
+    def _split_off_outliers(self, x: torch.Tensor) -> None:
+        """First batch: if all but OUTLIER_SHARE of the values sit in 1/OUTLIER_RATIO of the bins, re-count with
+        the bins spanning those values (plus 1/16 on each side, room for later batches) and the rest in the
+        tails.  A dense part that is a single value (a spike of exact zeros, say) is left alone: the values
+        beyond it are the signal, not outliers."""
+        window = max(1, self.bins // OUTLIER_RATIO)
+        for _ in range(3):  # a second round only for outliers nested inside the first dense part
+            cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.counts, 0)])
+            total = float(cdf[-1]) + self.tail_count()
+            sums = cdf[window:] - cdf[:-window]
+            start = int(torch.argmax(sums))
+            if float(sums[start]) < total * (1 - OUTLIER_SHARE) or float(sums[start]) == total:
+                return  # no dense part, or nothing beyond it
+            w_lo, w_hi = self.lo + (start - 1) * self.width, self.lo + (start + window + 1) * self.width
+            dense = x[(x >= w_lo) & (x <= w_hi)]
+            d_lo, d_hi = (float(v) for v in torch.aminmax(dense))
+            if d_hi <= d_lo:
+                return
+            pad = (d_hi - d_lo) / 16
+            self.tails, self.tail_extremes = None, [math.inf, -math.inf]
+            self.lo, self.width = d_lo - pad, (d_hi - d_lo + 2 * pad) / self.bins
+            self.counts = torch.zeros(self.bins, dtype=torch.float64)
+            self._count_with_tails(x)
+
+    def _is_spike(self) -> bool:
+        """Whether 99% of the binned values sit in two neighbouring bins (a constant, or exact zeros)."""
+        total = float(self.counts.sum())
+        return total > 0 and float((self.counts[1:] + self.counts[:-1]).max()) >= 0.99 * total
+
+    def _count_with_tails(self, x: torch.Tensor) -> None:
+        """Count values inside the core exactly and the rest in the tails; first grow the core (exactly, by
+        merging bins) until at most OUTLIER_SHARE of all values seen would be left outside it."""
+        outside = x[(x < self.lo) | (x > self.hi)]
+        budget = OUTLIER_SHARE * (float(self.counts.sum()) + self.tail_count() + x.numel()) - self.tail_count()
+        if outside.numel() > budget:
+            # Cover every value except the `budget` farthest from the core.
+            distance = torch.maximum(self.lo - outside, outside - self.hi)
+            keep = outside[torch.argsort(distance)[: outside.numel() - max(0, int(budget))]]
+            self._cover(min(float(keep.min()), self.lo), max(float(keep.max()), self.hi))
+            self._absorb_tails()
+            outside = x[(x < self.lo) | (x > self.hi)]
+        inside = x[(x >= self.lo) & (x <= self.hi)] if outside.numel() else x
+        self.counts += bin_counts(inside, self.lo, self.width, self.bins)
+        if outside.numel():
+            self._add_tails(outside)
+
+    def _add_tails(self, values: torch.Tensor) -> None:
+        if self.tails is None:
+            self.tails = torch.zeros(2, 2, _TAIL_BINS, dtype=torch.float64)
+        side = (values > self.hi).long()
+        sign = (values >= 0).long()
+        index = _tail_index(values.abs())
+        self.tails.view(-1).index_add_(0, (side * 2 + sign) * _TAIL_BINS + index, torch.ones_like(values).double())
+        self.tail_extremes = [
+            min(self.tail_extremes[0], float(values.min())),
+            max(self.tail_extremes[1], float(values.max())),
+        ]
+
+    def _absorb_tails(self) -> None:
+        """After the core grew: tail bins whose centre now lies inside it move into the core bin there."""
+        if self.tails is None:
+            return
+        centres = _tail_centres()
+        for side in range(2):
+            for sign, signed in enumerate((-centres, centres)):
+                row = self.tails[side, sign]
+                inside = (row > 0) & (signed >= self.lo) & (signed <= self.hi)
+                if inside.any():
+                    idx = ((signed[inside] - self.lo) / self.width).long().clamp(0, self.bins - 1)
+                    self.counts.index_add_(0, idx, row[inside])
+                    row[inside] = 0
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The histogram as ascending, non-overlapping bins (left, right, centre, count), float64: the uniform
+        bins alone for ordinary data; with far outliers, the core bins between the nonempty tail bins (each
+        clipped to its side of the core and to the extreme values seen)."""
+        core = self.core_view()
+        if self.tail_count() == 0:
+            return core
+        parts = [self._tail_bins(0), core, self._tail_bins(1)]
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+
+    def occupied(self) -> tuple[float, float]:
+        """The lowest and highest edge of the nonempty uniform bins (the dense part, when there are tails)."""
+        nonzero = torch.nonzero(self.counts).reshape(-1)
+        if nonzero.numel() == 0:
+            return self.lo, self.lo
+        return self.lo + int(nonzero[0]) * self.width, self.lo + (int(nonzero[-1]) + 1) * self.width
+
+    def core_view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`view()` without the tail bins: the uniform bins only."""
+        edges = self.edges()
+        return edges[:-1], edges[1:], edges[:-1] + self.width / 2, self.counts
+
+    def _tail_bins(self, side: int) -> tuple[torch.Tensor, ...]:
+        """Nonempty tail bins below (side 0) or above (side 1) the core, ascending, clipped to that side."""
+        lo_mag, hi_mag = _tail_bounds()
+        neg, pos = self.tails[side, 0], self.tails[side, 1]
+        k_neg = torch.nonzero(neg).reshape(-1).flip(0)  # larger magnitude first: ascending values
+        k_pos = torch.nonzero(pos).reshape(-1)
+        left = torch.cat([-hi_mag[k_neg], lo_mag[k_pos]])
+        right = torch.cat([-lo_mag[k_neg], hi_mag[k_pos]])
+        counts = torch.cat([neg[k_neg], pos[k_pos]])
+        bound_lo, bound_hi = (self.tail_extremes[0], self.lo) if side == 0 else (self.hi, self.tail_extremes[1])
+        left, right = left.clamp(bound_lo, bound_hi), right.clamp(bound_lo, bound_hi)
+        return left, right, (left + right) / 2, counts
 
     def _cover(self, lo: float, hi: float) -> None:
         if self.width == 0.0:
@@ -139,9 +282,15 @@ class HistogramStats:
         factor = 1
         while self.lo - pad_left * self.width + self.bins * factor * self.width < hi:
             factor *= 2
-        padded = torch.zeros(self.bins * factor, dtype=torch.float64)
-        padded[pad_left : pad_left + self.bins] = self.counts
-        self.counts = padded.reshape(self.bins, factor).sum(dim=1)
+        # Old bin i lands in new bin (pad_left + i) // factor: the same sums as padding and summing groups of
+        # `factor` bins, without allocating bins * factor values (a range that grows 1e6-fold would need GBs).
+        if factor <= 1 << 40:
+            index = (pad_left + torch.arange(self.bins, dtype=torch.int64)) // factor
+        else:  # every old bin falls into one or two new ones: keep them together
+            index = torch.full((self.bins,), (pad_left + self.bins // 2) // factor, dtype=torch.int64)
+        self.counts = torch.zeros(self.bins, dtype=torch.float64).index_add_(
+            0, index.clamp(0, self.bins - 1), self.counts
+        )
         self.lo -= pad_left * self.width
         self.width *= factor
 
@@ -152,9 +301,35 @@ class HistogramStats:
         self._cover(other.lo, other.hi)
         idx = ((centres - self.lo) / self.width).long().clamp(0, self.bins - 1)
         self.counts.index_add_(0, idx, other.counts)
+        if other.tail_count():
+            self.tails = other.tails.clone() if self.tails is None else self.tails + other.tails
+            self.tail_extremes = [
+                min(self.tail_extremes[0], other.tail_extremes[0]),
+                max(self.tail_extremes[1], other.tail_extremes[1]),
+            ]
+            self._absorb_tails()
 
     def edges(self) -> torch.Tensor:
         return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
+
+
+def _tail_index(magnitude: torch.Tensor) -> torch.Tensor:
+    """Log2-spaced tail bin of each magnitude (0 holds zero and anything below 2^-150)."""
+    k = torch.floor(torch.log2(magnitude.double()) * _TAIL_PER_OCTAVE) + _TAIL_OFFSET
+    return k.nan_to_num(0.0, posinf=_TAIL_BINS - 1, neginf=0.0).clamp(0, _TAIL_BINS - 1).long()
+
+
+def _tail_bounds() -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper magnitude of every tail bin."""
+    k = torch.arange(_TAIL_BINS, dtype=torch.float64) - _TAIL_OFFSET
+    lo, hi = torch.exp2(k / _TAIL_PER_OCTAVE), torch.exp2((k + 1) / _TAIL_PER_OCTAVE)
+    lo[0] = 0.0
+    return lo, hi
+
+
+def _tail_centres() -> torch.Tensor:
+    lo, hi = _tail_bounds()
+    return (lo + hi) / 2
 
 
 # Histogram counting works on chunks of at most this many values, through reused scratch buffers: memory stays
@@ -239,6 +414,16 @@ _COLLECTORS = {
 }
 
 
+SKETCH_SAMPLES = 4096
+
+
+def _sample(x: torch.Tensor) -> torch.Tensor:
+    """About SKETCH_SAMPLES values of `x` at an odd stride (an even one could keep aligning with rows)."""
+    flat = x.detach().reshape(-1)
+    stride = flat.numel() // SKETCH_SAMPLES | 1
+    return flat[::stride]
+
+
 class Observer(nn.Module):
     """Identity module that records statistics: min/max and channel means always, plus what the calibration
     method declares it needs.  One instance may observe several tensors that must share quantization
@@ -255,6 +440,9 @@ class Observer(nn.Module):
         for statistic in needs:
             if statistic in _COLLECTORS:
                 self.stats[statistic] = _COLLECTORS[statistic](spec)
+        if Statistic.HISTOGRAM not in self.stats:
+            # Cheap (a few thousand values per batch): lets `calibration.health` check any method's range.
+            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits))
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,6 +457,8 @@ class Observer(nn.Module):
         for statistic, collector in self.stats.items():
             if statistic is Statistic.HISTOGRAM:
                 collector.update(x, (float(lo.min()), float(hi.max())))
+            elif statistic is Statistic.SKETCH:
+                collector.update(_sample(x))
             elif statistic is not Statistic.MINMAX:
                 collector.update(x)
         self.batches += 1

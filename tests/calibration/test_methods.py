@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eightbit import QuantConfig, int8_weights, qmath, quantize, uint8_activations
 from eightbit.calibration.methods import (
@@ -218,3 +220,122 @@ def test_kl_histogram_resolution_follows_the_bit_width():
         thresholds.append(float(kl_range(obs.stats, spec)[1]))
     # Both clip the lone outlier and keep the body (P(|x| > 6) is 0.25% for Laplace(0, 1)).
     assert all(6.0 < t < 40.0 for t in thresholds)
+
+
+# ---------------------------------------------------------------------------------------- issue 10: edge cases
+
+
+@pytest.mark.parametrize("value", [0.7, -0.7, 3.0])
+@pytest.mark.parametrize("signed", [False, True])
+def test_kl_keeps_a_constant_activation(value, signed):
+    # A constant 0.7 gave (0.7, 0.125): lo > hi, and the constant clipped to 0.125.
+    spec = uint8_activations(method="kl", signed=signed, symmetric=signed)
+    lo, hi = kl_range(_observe(spec, torch.full((1000,), value)).stats, spec)
+    assert float(lo) <= 0.0 <= float(hi)
+    scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=spec.symmetric)
+    got = float(qmath.fake_quantize(torch.tensor(value), scale, zp, spec.qmin, spec.qmax))
+    assert abs(got - value) <= float(scale) / 2 * (1 + 1e-5)
+
+
+def test_kl_never_clips_below_the_smallest_magnitude():
+    # Two nearby values far from zero: every clip below them scores KL 0, and the tie went to the smallest.
+    spec = uint8_activations(method="kl")
+    x = torch.cat([torch.full((500,), 0.7), torch.full((500,), 0.71)])
+    lo, hi = kl_range(_observe(spec, x).stats, spec)
+    assert float(lo) == 0.0 and float(hi) >= 0.7
+
+
+def _bulk_with_outlier(outlier: float, n: int = 49_152, seed: int = 0) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    x[n // 3] = outlier
+    return x
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "kl"])
+@pytest.mark.parametrize("outlier", [1e4, 1e6])
+def test_clipping_methods_find_the_bulk_past_one_far_outlier(method, outlier):
+    # One value among 49k set the range: all other values fell into one or two codes.  At 1e6 the 2048-bin
+    # histogram put the whole bulk into one bin (percentile clipped at 924), and mse never tried a clip below
+    # 5% of the observed range.
+    x = _bulk_with_outlier(outlier)
+    spec = uint8_activations(method=method)
+    lo, hi = METHODS[method].activation_range(_observe(spec, x).stats, spec)
+    assert -6.0 < float(lo) < -2.0 and 2.0 < float(hi) < 8.0
+    bulk = x[x.abs() < 10]
+    assert _fq_mse(bulk, float(lo), float(hi), spec) < 1e-3  # the bulk keeps ~8 bits (variance 1)
+
+
+def test_outlier_in_a_later_batch_keeps_the_bulk_resolution():
+    spec = uint8_activations(method="percentile")
+    batches = [torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    batches[2][7] = 1e6
+    lo, hi = percentile_range_of(spec, batches)
+    assert -5.0 < lo < -2.5 and 2.5 < hi < 5.0
+
+
+def percentile_range_of(spec, batches):
+    from eightbit.calibration.methods import percentile_range
+
+    lo, hi = percentile_range(_observe(spec, *batches).stats, spec)
+    return float(lo), float(hi)
+
+
+def test_histogram_of_ordinary_data_has_no_outlier_tails():
+    spec = uint8_activations(method="percentile")
+    obs = _observe(spec, torch.randn(10_000), torch.randn(10_000) * 3, torch.rand(10_000) * 40)
+    hist = obs.stats[Statistic.HISTOGRAM]
+    assert float(hist.counts.sum()) == 30_000 and hist.tail_count() == 0
+
+
+# Data for the method properties: scaled normal samples, optionally a far outlier, a constant, or zeros.
+datasets = st.tuples(
+    st.one_of(st.sampled_from([1e-30, 1e-6, 1.0, 1e6, 1e30]), st.floats(1e-30, 1e30)),
+    st.floats(-3.0, 3.0),  # offset, in units of the scale
+    st.sampled_from(["normal", "outlier", "constant", "zeros", "relu"]),
+    st.integers(0, 2**16),
+)
+
+
+def _dataset(scale, offset, kind, seed) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, generator=g, dtype=torch.float64)
+    if kind == "constant":
+        x = torch.zeros_like(x)
+    elif kind == "zeros":
+        return torch.zeros(4096)
+    elif kind == "relu":
+        x = x.clamp_min(0)
+    elif kind == "outlier":
+        x[17] = 1e4
+    return ((x + offset) * scale).clamp(-3e38, 3e38).float()
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(datasets, st.integers(2, 16), st.booleans(), st.sampled_from(["minmax", "percentile", "mse", "kl"]))
+def test_every_activation_method_stays_inside_the_observed_range(data, bits, symmetric, method):
+    x = _dataset(*data)
+    spec = uint8_activations(method=method, bits=bits, symmetric=symmetric, signed=symmetric)
+    obs = _observe(spec, x[:2048], x[2048:])
+    lo, hi = (float(v) for v in METHODS[method].activation_range(obs.stats, spec))
+    x_lo, x_hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    assert x_lo <= lo <= 0.0 <= hi <= x_hi
+    scale, zp = qmath.qparams_from_range(
+        torch.tensor(lo), torch.tensor(hi), qmin=spec.qmin, qmax=spec.qmax, symmetric=symmetric
+    )
+    assert torch.isfinite(scale) and float(scale) > 0 and spec.qmin <= int(zp) <= spec.qmax
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(datasets, st.integers(2, 16), st.sampled_from(["minmax", "percentile", "mse", "admm"]))
+def test_every_weight_method_stays_inside_each_channel(data, bits, method):
+    w = _dataset(*data)[:1024].reshape(8, 128)
+    w[3] = 0.0  # an all-zero channel
+    spec = int8_weights(method=method, bits=bits)
+    lo, hi = METHODS[method].weight_range(w, spec, 0)
+    peak = w.abs().amax(1) * (1 + 1e-6)  # the weight spec is symmetric: its range is within +-max|w|
+    if method == "admm":  # a least-squares scale may exceed max|w| / qmax by a fraction of a step
+        peak = peak * (1 + 2 / spec.qmax)
+    assert (lo <= 0).all() and (hi >= 0).all() and (lo >= -peak).all() and (hi <= peak).all()
+    scale, zp = qmath.qparams_from_range(lo, hi, qmin=spec.qmin, qmax=spec.qmax, symmetric=True)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    assert float(scale[3]) >= 0.5 * float(scale.min()) or float(scale.max()) <= 1e-37  # zero channel borrows

@@ -102,3 +102,25 @@ def test_calibration_frees_the_histogram_scratch_buffers():
     config = QuantConfig(activations=uint8_activations(method="kl"))
     quantize(ResidualNet().eval(), calibration_batches(), config=config, progress=False)
     assert observers._scratch == {}
+
+
+def test_histogram_growth_by_a_huge_factor_stays_small_and_exact():
+    # Growth used to allocate bins * factor values: a constant first batch and a 1e6-wide second one meant GBs.
+    h = HistogramStats(bins=64)
+    h.update(torch.zeros(100))
+    h.update(torch.randn(1000) * 1e6)
+    assert h.counts.numel() == 64 and float(h.counts.sum()) + h.tail_count() == 1100
+
+
+def test_histogram_growth_matches_padding_and_summing():
+    h = HistogramStats(bins=64)
+    a, b = torch.rand(1000), torch.rand(1000) * 10 - 5
+    h.update(a)
+    old_lo, old_width, old = h.lo, h.width, h.counts.clone()
+    h.update(b)
+    factor = round(h.width / old_width)
+    pad = round((old_lo - h.lo) / old_width)
+    padded = torch.zeros(64 * factor, dtype=torch.float64)
+    padded[pad : pad + 64] = old
+    want = padded.reshape(64, factor).sum(1) + torch.histc(b.double(), 64, h.lo, h.hi)
+    assert float((h.counts - want).abs().sum()) <= 2  # values on a bin edge may land in the neighbour

@@ -1,0 +1,88 @@
+"""convert: int8 weights and int32 biases in the graph (issue 10: biases that int32 cannot hold)."""
+
+import torch
+from torch import nn
+
+from eightbit import QuantConfig, int8_weights, quantize, uint8_activations
+
+
+class TinyInputNet(nn.Module):
+    """Linear -> ReLU -> Linear; the first layer's bias (1.0) dwarfs its inputs (~1e-5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.a.weight.copy_(0.1 * torch.tensor([[1.0, -1, 1, -1], [1, 1, -1, -1], [-1, 1, 1, -1], [1, 1, 1, 1]]))
+            self.a.bias.fill_(1.0)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _tiny_inputs(n: int = 4):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 4, generator=g) * 1e-5 for _ in range(n)]
+
+
+def test_bias_beyond_int32_stays_float_instead_of_wrapping(tmp_path):
+    # input scale ~1.6e-7 x weight scale ~7.9e-4: bias 1.0 needs ~8e9 codes.  It used to saturate, wrap to
+    # -2^31 and come out as -0.27.
+    model = TinyInputNet().eval()
+    data = _tiny_inputs()
+    qm = quantize(model, data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        want, got = model(x), qm(x)
+        hidden = torch.relu(model.a(x))
+    assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
+    assert float(hidden.min()) > 0.9  # the bias dominates: every hidden value is ~1.0
+    assert "a" in qm.summary() and "bias kept in float" in qm.summary()
+    assert not any(n.endswith("linear_bias_q") for n, _ in qm.graph_module.named_buffers())
+    # The float bias exports and matches ONNX Runtime.
+    report = qm.export_onnx(tmp_path / "tiny.onnx")
+    assert report.parity.max_steps <= 2
+
+
+def test_ordinary_biases_are_still_int32_and_unreported():
+    from tests.helpers import ResidualNet, calibration_batches
+
+    qm = quantize(ResidualNet().eval(), calibration_batches(), progress=False)
+    biases = {n: b for n, b in qm.graph_module.named_buffers() if n.endswith("_bias_q")}
+    assert biases and all(b.dtype == torch.int32 for b in biases.values())
+    assert "bias kept in float" not in qm.summary()
+
+
+def test_admm_zero_weight_channel_keeps_its_bias():
+    # An all-zero output channel got scale 1e-14 from admm (the borrowed-scale fallback never applied), and its
+    # bias 0.5 came back as -3.4e-7 (int32 overflow at input_scale x 1e-14).
+    model = nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.5
+    data = [torch.randn(8, 6) for _ in range(4)]
+    config = QuantConfig(weights=int8_weights(method="admm"), activations=uint8_activations())
+    qm = quantize(model, data, config=config, progress=False)
+    scales = qm.weight_encodings[next(iter(qm.weight_encodings))].scale
+    assert scales[1] > 0.1 * min(scales[0], scales[2])  # borrowed, not 1e-14
+    x = torch.cat(data)
+    with torch.no_grad():
+        want, got = model(x), qm(x)
+    assert torch.allclose(got, want, atol=0.05 * float(want.abs().max()))
+
+
+def test_conv_bias_beyond_int32_stays_float_and_exports(tmp_path):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(0.1)
+        model[0].bias.fill_(1.0)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 2, 8, 8, generator=g) * 1e-5 for _ in range(3)]
+    qm = quantize(model, data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        want, got = model(x), qm(x)
+    assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
+    assert "bias kept in float" in qm.summary()
+    assert qm.export_onnx(tmp_path / "conv.onnx").parity.max_steps <= 2
