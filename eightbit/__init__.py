@@ -7,6 +7,7 @@ from eightbit.config import (
     QuantConfig,
     QuantSpec,
     SmoothQuant,
+    Target,
     int8_weights,
     uint8_activations,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedModel",
     "SmoothQuant",
+    "Target",
     "int8_weights",
     "quantize",
     "uint8_activations",
