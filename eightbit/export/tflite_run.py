@@ -73,7 +73,8 @@ def run_tflm(model: bytes, inputs: list[np.ndarray], *, all_tensors: bool = Fals
     tensors = {}
     for index in range(_tensor_count(model)):
         with contextlib.suppress(Exception):  # constants TFLM does not expose
-            tensors[index] = np.array(interp.GetTensor(index, 0))
+            found = interp.GetTensor(index, 0)
+            tensors[index] = np.asarray(found["tensor_data"]).reshape(found["shape"])
     return outputs, tensors
 
 
