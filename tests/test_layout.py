@@ -72,7 +72,9 @@ def violations_outside(found: set[str], allowed: tuple[str, ...]) -> list[str]:
 
 
 def test_checker_sees_function_level_and_from_package_imports():
-    source = "def f():\n    from eightbit.export import onnx\n    import eightbit.runtime.hw\nfrom eightbit import api\n"
+    source = (
+        "def f():\n    from eightbit.export import onnx\n    import eightbit.runtime.hw\nfrom eightbit import api\n"
+    )
     assert violations(source, {"eightbit.export"}) == ["eightbit.export", "eightbit.export.onnx"]
     assert violations(source, {"eightbit.runtime"}) == ["eightbit.runtime.hw"]
     assert violations(source, {"eightbit.api"}) == ["eightbit.api"]

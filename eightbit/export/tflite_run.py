@@ -63,6 +63,8 @@ def run_tflm(model: bytes, inputs: list[np.ndarray], *, all_tensors: bool = Fals
     runtime = _tflm()
     kinds = runtime.InterpreterConfig
     config = kinds.kPreserveAllTensors if all_tensors else kinds.kAllocationRecording
+    if arena_size is None:  # TFLM's default (10x the file) is too small for small models or preserved tensors
+        arena_size = 10 * len(model) + (16 << 20 if all_tensors else 1 << 20)
     interp = runtime.Interpreter.from_bytes(model, arena_size=arena_size, intrepreter_config=config)
     for i, value in enumerate(inputs):
         interp.set_input(value, i)
@@ -95,7 +97,7 @@ def _tensor_count(model: bytes) -> int:
 def tflm_arena_bytes(model: bytes, inputs: list[np.ndarray]) -> int:
     """The tensor arena TFLM's planner needs for `model` (its RecordingMicroAllocator's total), in bytes."""
     runtime = _tflm()
-    interp = runtime.Interpreter.from_bytes(model)
+    interp = runtime.Interpreter.from_bytes(model, arena_size=10 * len(model) + (1 << 20))
     for i, value in enumerate(inputs):
         interp.set_input(value, i)
     interp.invoke()

@@ -1,0 +1,95 @@
+"""TFLite int8 export: every op on tiny models, run on LiteRT and TFLite Micro against the simulation's codes."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("tflite_micro")
+pytest.importorskip("ai_edge_litert")
+
+import eightbit  # noqa: E402
+from eightbit import QuantConfig, Target  # noqa: E402
+from eightbit.export.tflite import Unsupported, samples_of, tflite_bytes  # noqa: E402
+from eightbit.export.tflite_run import run_litert  # noqa: E402
+from tests.helpers import ResidualNet, calibration_batches  # noqa: E402
+from tests.tflite_models import MODELS, SCHEMES, quantized  # noqa: E402
+
+EXPECTED_OPS = {
+    "residual": {"CONV_2D", "ADD", "MAX_POOL_2D", "MEAN", "RESHAPE", "FULLY_CONNECTED"},
+    "depthwise": {"PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED"},
+    "concat": {"CONV_2D", "CONCATENATION"},
+    "conv_variants": {"PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D"},
+    "broadcasting": {"CONV_2D", "MEAN", "ADD", "MUL", "CONCATENATION"},
+    "activations": {"HARD_SWISH", "MEAN", "LOGISTIC", "MUL", "MAX_POOL_2D", "TRANSPOSE", "RESHAPE", "SOFTMAX"},
+}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("name", MODELS)
+def test_export_runs_on_litert_and_tflm_within_one_code(tmp_path, name, scheme):
+    qm = quantized(name, scheme)
+    report = qm.export_tflite(tmp_path / "m.tflite")
+    assert report.path.read_bytes()[4:8] == b"TFL3"
+    assert EXPECTED_OPS[name] <= set(report.ops)
+    assert {p.runtime for p in report.parity} == {"LiteRT", "TFLM"}
+    for parity in report.parity:  # fixed-point requantization vs float rounding: at most one code apart
+        assert parity.max_steps <= 1, str(parity)
+    assert report.arena_bytes > 0
+
+
+def test_placement_applies_tflite_kernel_constraints():
+    qm = quantized("activations")
+    fixed = [e for e in qm.activation_encodings.values() if any("sigmoid" in t or "softmax" in t for t in e.tensors)]
+    assert len(fixed) == 2
+    for enc in fixed:  # LOGISTIC / SOFTMAX output: scale 1/256, uint8 zero point 0 (int8: -128)
+        assert enc.scale == [1 / 256] and enc.zero_point == [0]
+    concat = quantized("concat")
+    group = next(e for e in concat.activation_encodings.values() if "cat" in e.tensors)
+    assert {"relu", "relu_1", "cat"} <= set(group.tensors)  # concatenation inputs share the output's parameters
+    pooled = quantized("conv_variants")
+    assert any({"conv2d_4", "avg_pool2d"} <= set(e.tensors) for e in pooled.activation_encodings.values())
+
+
+def test_default_target_keeps_onnx_placement():
+    torch.manual_seed(0)
+    qm = eightbit.quantize(ResidualNet().eval(), calibration_batches(n=2), progress=False)
+    assert not qm.placement.fixed_ranges
+    with pytest.raises(Unsupported, match="target=Target.TFLITE"):  # the classifier's output is float for ONNX
+        tflite_bytes(qm.graph_module, qm._example_args)
+
+
+class WithGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.conv(x)).mean((2, 3))
+
+
+def test_unsupported_ops_are_listed_with_where_they_are(tmp_path):
+    torch.manual_seed(0)
+    qm = eightbit.quantize(
+        WithGelu().eval(), calibration_batches(n=2), config=QuantConfig(target=Target.TFLITE), progress=False
+    )
+    with pytest.raises(Unsupported, match=r"gelu.*in 'act'"):
+        qm.export_tflite(tmp_path / "m.tflite")
+    assert not (tmp_path / "m.tflite").exists()
+
+
+def test_float_io_and_float_model(tmp_path):
+    qm = quantized("residual")
+    (sample,) = samples_of(qm._example_args, 1)
+    x = sample[0].permute(0, 2, 3, 1).contiguous().numpy()
+    want = qm(*sample).detach().numpy()
+    float_io = qm.export_tflite(tmp_path / "io.tflite", float_io=True)
+    float_model = qm.export_tflite(tmp_path / "fp32.tflite", float_model=True)
+    assert float_io.ops["QUANTIZE"] == 1 and float_io.ops["DEQUANTIZE"] == 1
+    step = float(qm.activation_encodings[list(qm.activation_encodings)[-1]].scale[0])
+    (got,) = run_litert(float_io.path.read_bytes(), [x])
+    assert np.abs(got - want).max() <= step * 1.01
+    (fp32,) = run_litert(float_model.path.read_bytes(), [x])
+    assert fp32.dtype == np.float32 and np.abs(fp32 - want).max() < 0.1 * np.abs(want).max() + 10 * step
+    assert float_model.size_bytes > 3 * float_io.size_bytes // 2  # float32 weights
