@@ -35,7 +35,12 @@ from eightbit.fileio import atomic_path
 
 __all__ = ["TFLiteReport", "Unsupported", "expected_codes", "export_tflite", "input_codes", "tflite_bytes"]
 
-_SKIPPED = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
+# Shape bookkeeping of a dynamic-batch capture: the file has static shapes (batch 1), recorded by running the graph.
+_SKIPPED = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_size.int,
+}
 
 
 @dataclass
@@ -115,7 +120,11 @@ def tflite_bytes(
 
 
 def _graph_input(w: TFLiteWriter, node: fx.Node, float_io: bool) -> int:
-    users = [u for u in node.users if not (u.op == "call_module" and str(u.target).startswith("_guards"))]
+    users = [
+        u
+        for u in node.users
+        if not (u.op == "call_module" and str(u.target).startswith("_guards")) and u.target not in _SKIPPED
+    ]
     floats = [u.name for u in users if not is_quantize(u)]
     if floats or not users:
         raise Unsupported(f"input {node.name} is read in float by {floats}: the TFLite model must start in int8")

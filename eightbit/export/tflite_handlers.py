@@ -174,8 +174,15 @@ def weight_tensor(w: TFLiteWriter, name: str, values: np.ndarray, scales: np.nda
     return w.constant(name, values.astype(np.int8), schema.TensorType.INT8, quant)
 
 
-def bias_tensor(w: TFLiteWriter, name: str, bias, user: fx.Node, channels: int, in_scale: float, scales) -> int:
-    """int32 bias at scale input_scale * weight_scale (zeros when the layer has none); float32 in a float model."""
+def bias_tensor(
+    w: TFLiteWriter, name: str, bias, user: fx.Node, channels: int, in_scale: float, scales, products: int
+) -> int:
+    """int32 bias at scale input_scale * weight_scale (zeros when the layer has none); float32 in a float model.
+
+    TFLite kernels add the bias to the int32 sum of `products` products (x - zero point) * w, each at most
+    255 * 128 in magnitude, without a saturation check: a bias code at the int32 limit (a dead channel whose
+    weight scale is tiny) wraps around.  Bias codes are kept within the limit minus that headroom, a change of
+    under 0.002% of such a bias."""
     value = None
     if is_dequantize(bias):
         q, scale, zero_point, _ = (w.constant_value(a) if isinstance(a, fx.Node) else a for a in bias.args)
@@ -187,7 +194,9 @@ def bias_tensor(w: TFLiteWriter, name: str, bias, user: fx.Node, channels: int, 
     if w.float_model:
         array = np.zeros(channels, np.float32) if value is None else value.float().numpy()
         return w.constant(name, array, schema.TensorType.FLOAT32)
-    codes = np.zeros(channels, np.int32) if value is None else value.numpy().astype(np.int32)
+    codes = np.zeros(channels, np.int64) if value is None else value.numpy().astype(np.int64)
+    limit = 2**31 - 1 - products * 255 * 128
+    codes = np.clip(codes, -limit, limit).astype(np.int32)
     bias_scales = [in_scale * float(s) for s in scales]
     quant = quantization(bias_scales, [0] * len(bias_scales))
     return w.constant(name, codes, schema.TensorType.INT32, quant)
@@ -251,7 +260,7 @@ def _conv(w: TFLiteWriter, node: fx.Node) -> None:
     if explicit is not None:
         src = pad_nhwc(w, node, src, x, explicit)
     in_scale = 1.0 if w.float_model else w.qparams[src].scale
-    b = bias_tensor(w, f"{node.name}_bias", bias, node, out_channels, in_scale, scales)
+    b = bias_tensor(w, f"{node.name}_bias", bias, node, out_channels, in_scale, scales, kh * kw * in_per_group)
     out, act = output_of(w, node)
     depthwise = groups == channels and in_per_group == 1 and groups > 1
     if depthwise:
@@ -277,7 +286,8 @@ def _linear(w: TFLiteWriter, node: fx.Node) -> None:
     codes, scales = weight_codes(w, weight, node)
     src = w.source_tensor(x, node)
     in_scale = 1.0 if w.float_model else w.qparams[src].scale
-    b = bias_tensor(w, f"{node.name}_bias", _arg(node, 2, "bias"), node, codes.shape[0], in_scale, scales)
+    bias = _arg(node, 2, "bias")
+    b = bias_tensor(w, f"{node.name}_bias", bias, node, codes.shape[0], in_scale, scales, codes.shape[1])
     filt = weight_tensor(w, f"{node.name}_weights", codes, scales, axis=0)
     out, act = output_of(w, node)
     options = schema.FullyConnectedOptionsT()

@@ -136,6 +136,12 @@ def patches(x: np.ndarray, kernel, stride, dilation, out_hw, pads, fill) -> np.n
 # ------------------------------------------------------------------------------------------- requantization
 
 
+def wrap_int32(acc: np.ndarray) -> np.ndarray:
+    """acc as a C int32 holds it: TFLM adds the bias to the int32 sum of products without a saturation check, so a
+    bias at the int32 limit (a dead channel with a tiny weight scale) wraps around.  The reference does the same."""
+    return ((acc + 2**31) % 2**32) - 2**31
+
+
 def requantize(acc: np.ndarray, multipliers, shifts, out_zp: int, act_min: int, act_max: int) -> np.ndarray:
     out = multiply_by_quantized_multiplier(acc, multipliers, shifts) + out_zp
     return np.clip(out, act_min, act_max)
@@ -163,7 +169,7 @@ def conv2d(x, in_zp, filt, bias, geometry, groups: int, acc: Accumulator, stats)
         a = win[..., chans].reshape(n * oh * ow, kk * per_group, 1)
         b = filt[o].reshape(filt[o].shape[0], -1).T.astype(np.int64)
         outs.append(accumulate(a, b, acc, stats))
-    total = np.concatenate(outs, axis=1) + bias.astype(np.int64)
+    total = wrap_int32(np.concatenate(outs, axis=1) + bias.astype(np.int64))
     return total.reshape(n, oh, ow, out_channels)
 
 
@@ -175,12 +181,12 @@ def depthwise_conv2d(x, in_zp, filt, bias, geometry, multiplier: int, acc: Accum
     win = np.repeat(win, multiplier, axis=-1).reshape(n * oh * ow, kk, c * multiplier)
     b = filt.reshape(kk, c * multiplier).astype(np.int64)
     total = (win * b).sum(axis=1) if acc.exact else accumulate(win, b, acc, stats)
-    return (total + bias.astype(np.int64)).reshape(n, oh, ow, c * multiplier)
+    return wrap_int32(total + bias.astype(np.int64)).reshape(n, oh, ow, c * multiplier)
 
 
 def fully_connected(x, in_zp, weights, bias, acc: Accumulator, stats) -> np.ndarray:
     a = (x.astype(np.int64) - in_zp).reshape(x.shape[0], -1, 1)
-    return accumulate(a, weights.T.astype(np.int64), acc, stats) + bias.astype(np.int64)
+    return wrap_int32(accumulate(a, weights.T.astype(np.int64), acc, stats) + bias.astype(np.int64))
 
 
 def add(a, a_params, b, b_params, out_params, act_min: int, act_max: int) -> np.ndarray:

@@ -93,3 +93,30 @@ def test_float_io_and_float_model(tmp_path):
     (fp32,) = run_litert(float_model.path.read_bytes(), [x])
     assert fp32.dtype == np.float32 and np.abs(fp32 - want).max() < 0.1 * np.abs(want).max() + 10 * step
     assert float_model.size_bytes > 3 * float_io.size_bytes // 2  # float32 weights
+
+
+class DeadChannel(nn.Module):
+    """A conv whose channel 0 has near-zero weights and a real bias (what BatchNorm folding leaves of a dead
+    channel): its int32 bias code saturates at the int32 limit."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight[0] *= 1e-5
+            self.conv.bias[0] = -50.0
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def test_saturated_bias_cannot_wrap_the_int32_accumulator(tmp_path):
+    # TFLM adds the bias to the int32 sum of products unchecked: a bias at the int32 limit wrapped around and the
+    # dead channel came out tens of codes off.  The export keeps room for the products in the bias.
+    torch.manual_seed(0)
+    qm = eightbit.quantize(
+        DeadChannel().eval(), calibration_batches(n=2), config=QuantConfig(target=Target.TFLITE), progress=False
+    )
+    report = qm.export_tflite(tmp_path / "m.tflite")
+    for parity in report.parity:
+        assert parity.max_steps <= 1, str(parity)

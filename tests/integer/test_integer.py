@@ -109,3 +109,15 @@ def test_int16_accumulation_flags_a_planted_overflow_and_not_a_fitting_case():
     # saturating int16 accumulation changes the result of the overflowing layer
     saturated, _ = IntegerReference(big, Accumulator(mode=AccumulatorMode.INT16_SATURATE)).run(x_big)
     assert not np.array_equal(saturated[0], exact_out[0])
+
+
+def test_bias_plus_products_wraps_like_a_c_int32():
+    # TFLM adds the bias to the int32 sum unchecked (EfficientNet-Lite0 dead channels, biases at the int32 limit,
+    # in files written by other converters): the reference wraps the same way, or it is not bit-exact.
+    from eightbit.integer.kernels import fully_connected
+
+    x = np.array([[-128, -128]], dtype=np.int8)  # zero point 127: (x - zp) = -255
+    weights = np.array([[127, 127]], dtype=np.int8)
+    bias = np.array([-(2**31) + 1], dtype=np.int32)
+    acc = fully_connected(x, 127, weights, bias, Accumulator(), None)
+    assert acc.tolist() == [[-(2**31) + 1 - 2 * 255 * 127 + 2**32]]
