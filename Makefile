@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-text test test-fast lint bench bench-text clean
+.PHONY: setup demo demo-text demo-mcu test test-fast lint bench bench-text clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: setup
 
 demo-text: setup
 	$(BIN)/python -m eightbit.demos.demo_text
+
+# EfficientNet-Lite0 -> fully int8 .tflite: LiteRT and TFLite Micro accuracy, arena, LiteRT int8 vs fp32 latency.
+demo-mcu: setup
+	$(BIN)/python -m eightbit.demos.demo_mcu
 
 test: setup
 	$(BIN)/ruff check eightbit tests bench

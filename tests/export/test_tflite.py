@@ -120,3 +120,19 @@ def test_saturated_bias_cannot_wrap_the_int32_accumulator(tmp_path):
     report = qm.export_tflite(tmp_path / "m.tflite")
     for parity in report.parity:
         assert parity.max_steps <= 1, str(parity)
+
+
+def test_cli_quantize_writes_a_checked_tflite(tmp_path, capsys):
+    from eightbit.cli import main
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        np.save(folder / f"{i}.npy", rng.standard_normal((3, 16, 16)).astype(np.float32))
+    args = ["quantize", "tests.helpers:ResidualNet", "--calib", str(folder), "--out", str(tmp_path / "m.onnx")]
+    args += ["--input-shape", "1,3,16,16", "--quiet", "--tflite", str(tmp_path / "m.tflite")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "TFLM arena" in printed and "LiteRT vs PyTorch" in printed
+    assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3" and (tmp_path / "m.onnx").exists()
