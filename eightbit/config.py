@@ -245,7 +245,9 @@ def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:
     """Whether 7-bit weight codes are used for GEMM-backed layers (see OverflowFix)."""
     fix = config.overflow_fix
     spec = config.weights
-    wanted = fix is OverflowFix.ENABLE or (fix is OverflowFix.AUTO and saturation_risk)
+    # AUTO is about x86 ONNX Runtime / oneDNN; TFLite runtimes (XNNPACK, TFLM) accumulate int8 products in int32.
+    auto = fix is OverflowFix.AUTO and saturation_risk and config.target is Target.ONNX
+    wanted = fix is OverflowFix.ENABLE or auto
     return wanted and spec.signed and spec.bits == 8
 
 

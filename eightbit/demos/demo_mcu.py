@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out", help="folder for the .tflite and ONNX files")
     parser.add_argument("--calib", type=int, default=256, help="number of augmented calibration crops")
     parser.add_argument("--iters", type=int, default=40, help="timed batch-1 calls per model")
+    parser.add_argument("--encodings", help="reuse quantization parameters saved by an earlier run (skips calibration)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -46,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = zoo.imagenet_photos()
     labels_np = labels.numpy()
     x = torch.stack([zoo.preprocess(im) for im in images])
-    calibration = zoo.augmented_crops(images, args.calib, seed=1).split(32)
+    config = QuantConfig(target=Target.TFLITE)
     start = time.perf_counter()
-    qm = quantize(model, calibration, config=QuantConfig(target=Target.TFLITE))
+    if args.encodings:
+        qm = quantize(model, encodings=args.encodings, example_inputs=x[:2], config=config)
+    else:
+        qm = quantize(model, zoo.augmented_crops(images, args.calib, seed=1).split(32), config=config)
+        qm.save_encodings(out / "efficientnet_lite0_tflite.encodings.json", overwrite=True)
     print(f"quantized in {time.perf_counter() - start:.1f} s")
 
     int8_path, fp32_path = out / "efficientnet_lite0_int8.tflite", out / "efficientnet_lite0_fp32.tflite"
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     int8_model = int8_path.read_bytes()
     samples = [input_codes(qm.graph_module, (x[i : i + 1],)) for i in range(len(x))]
     litert = np.concatenate([run_litert(int8_model, s)[0] for s in samples])
+    builtin = np.concatenate([run_litert(int8_model, s, xnnpack=False)[0] for s in samples])
     tflm = np.concatenate([run_tflm(int8_model, s)[0] for s in samples])
     reference = IntegerReference(int8_model)
     integer = np.concatenate([reference.run(s)[0][0] for s in samples])
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{onnx_path.stat().st_size / 1e6:.2f}",
             "",
         ),
-        ("int8 LiteRT", _top1(litert, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
+        ("int8 LiteRT (XNNPACK)", _top1(litert, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
+        ("int8 LiteRT (builtin kernels)", _top1(builtin, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
         ("int8 TFLM", _top1(tflm, labels_np), f"{report.size_bytes / 1e6:.2f}", f"{report.arena_bytes / 1e6:.2f}"),
         ("int8 eightbit.integer", _top1(integer, labels_np), "", ""),
     ]
@@ -97,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {top1}/{n} | {size} | {arena} |")
     print()
     print(f"integer reference vs TFLM: {int((integer != tflm).sum())} of {tflm.size} output codes differ")
-    print(f"LiteRT vs TFLM: max {int(np.abs(litert.astype(int) - tflm.astype(int)).max())} codes")
+    for name, codes in (("LiteRT XNNPACK", litert), ("LiteRT builtin kernels", builtin)):
+        diff = np.abs(codes.astype(int) - tflm.astype(int))
+        print(f"{name} vs TFLM: max {int(diff.max())} codes, {int((diff > 0).sum())} of {diff.size} differ")
 
     runners = {"int8": LiteRTRunner(int8_path, threads=2), "fp32": LiteRTRunner(fp32_path, threads=2)}
     feeds = {"int8": samples[0][0], "fp32": nhwc[:1]}

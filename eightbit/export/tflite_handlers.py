@@ -92,11 +92,18 @@ def output_of(w: TFLiteWriter, node: fx.Node, *, fusable: bool = True) -> tuple[
     if act != schema.ActivationFunctionType.NONE and not fusable:
         raise Unsupported(f"{where(node)}: TFLite cannot fuse a ReLU/clamp into this op")
     if w.float_model and fusable and act == schema.ActivationFunctionType.NONE and params.zero_point == -128:
-        act = schema.ActivationFunctionType.RELU  # the quantize clamped at 0.0 (a dropped ReLU): keep that clamp
+        act = _dropped_clamp(params)
     index = w.activation(node.name, w.layout_shape(node), params)
     for q in quantizes:
         w.tensor_of[q] = index
     return index, act
+
+
+def _dropped_clamp(params: QParams) -> int:
+    """The float model's stand-in for a ReLU/ReLU6 that convert dropped because the int8 output saturates at
+    least as tightly (a range starting at 0.0): RELU6 when the range ends at or below 6, else RELU."""
+    top = params.scale * 255
+    return schema.ActivationFunctionType.RELU6 if top <= 6.0 * (1 + 1e-6) else schema.ActivationFunctionType.RELU
 
 
 def _stricter(a: int, b: int) -> int:

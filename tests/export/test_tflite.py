@@ -136,3 +136,13 @@ def test_cli_quantize_writes_a_checked_tflite(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "TFLM arena" in printed and "LiteRT vs PyTorch" in printed
     assert (tmp_path / "m.tflite").read_bytes()[4:8] == b"TFL3" and (tmp_path / "m.onnx").exists()
+
+
+def test_tflite_target_keeps_8_bit_weights_on_cpus_without_vnni():
+    # The 7-bit overflow fix is for x86 ONNX Runtime / oneDNN (VPMADDUBSW); LiteRT's and TFLM's int8 kernels
+    # accumulate in int32, so AUTO must not cost a TFLite model a bit of weight precision.
+    from eightbit.config import OverflowFix, overflow_fix_active
+
+    assert not overflow_fix_active(QuantConfig(target=Target.TFLITE), saturation_risk=True)
+    assert overflow_fix_active(QuantConfig(target=Target.TFLITE, overflow_fix=OverflowFix.ENABLE), True)
+    assert overflow_fix_active(QuantConfig(), saturation_risk=True)
