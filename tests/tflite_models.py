@@ -59,6 +59,18 @@ class Activations(nn.Module):
         return torch.softmax(self.fc(x.flatten(1)), -1)
 
 
+class HardSwishNet(nn.Module):
+    """HARD_SWISH between two convolutions (MobileNetV3's activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.b(F.hardswish(self.a(x)))
+
+
 MODELS = {
     "residual": ResidualNet,
     "depthwise": DepthwiseNet,
@@ -66,6 +78,7 @@ MODELS = {
     "conv_variants": ConvVariants,
     "broadcasting": Broadcasting,
     "activations": Activations,
+    "hardswish": HardSwishNet,
 }
 
 SCHEMES = {

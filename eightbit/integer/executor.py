@@ -52,6 +52,7 @@ class IntegerReference:
         "CONCATENATION",
         "QUANTIZE",
         "DEQUANTIZE",
+        "HARD_SWISH",
     )
 
     def __init__(self, model: bytes, accumulator: Accumulator | None = None):
@@ -221,10 +222,15 @@ class IntegerReference:
     def _op_quantize(self, i, op, values):
         x = self._input(op, 0, values)
         out_p = self.params(int(op.outputs[0]))
-        if x.dtype == np.float32:  # float input: TFLM's AffineQuantize
+        if x.dtype == np.float32:  # the float input of a float_io model: TFLM's AffineQuantize (round half away)
             scale, zp = out_p
-            return np.clip(np.round(x / scale) + zp, -128, 127)  # noqa: the float edge of a float_io model
+            ratio = x / scale
+            return np.clip(np.sign(ratio) * np.floor(np.abs(ratio) + 0.5) + zp, -128, 127)
         return kernels.requantize_int8(x, self.params(int(op.inputs[0])), out_p)
+
+    def _op_hard_swish(self, i, op, values):
+        in_p, out_p = self.params(int(op.inputs[0])), self.params(int(op.outputs[0]))
+        return kernels.hard_swish(self._input(op, 0, values), in_p, out_p)
 
     def _op_dequantize(self, i, op, values):
         scale, zp = self.params(int(op.inputs[0]))

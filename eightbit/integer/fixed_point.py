@@ -86,3 +86,34 @@ def int16_products_that_fit(weight_max: int = 127, activation_max: int = 128, bi
     """How many int8 x int8 products surely fit a signed `bits`-bit accumulator: floor((2^(bits-1) - 1) /
     (|w|max * |x|max)).  With int8 weights in [-127, 127] and activations in [-128, 127] this is n1 = 2."""
     return (2 ** (bits - 1) - 1) // (weight_max * activation_max)
+
+
+def _trunc_div(x: np.ndarray, divisor: int) -> np.ndarray:
+    """C integer division (truncates toward zero)."""
+    return np.where(x >= 0, x // divisor, -((-x) // divisor))
+
+
+def srdhm_int16(a: np.ndarray, b: int) -> np.ndarray:
+    """gemmlowp's int16 SaturatingRoundingDoublingHighMul: (a * b + nudge) / 2^15, truncating."""
+    a = np.asarray(a, dtype=np.int64)
+    ab = a * int(b)
+    nudge = np.where(ab >= 0, 1 << 14, 1 - (1 << 14))
+    high = _trunc_div(ab + nudge, 1 << 15)
+    return np.where((a == -(2**15)) & (b == -(2**15)), 2**15 - 1, high)
+
+
+def doubling_high_mul_int16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """TFLite's int16 SaturatingDoublingHighMul: a * b / 2^15 truncated toward zero (no rounding nudge)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    return np.where((a == -(2**15)) & (b == -(2**15)), 2**15 - 1, _trunc_div(a * b, 1 << 15))
+
+
+def saturating_left_shift_int16(x: np.ndarray, amount: int) -> np.ndarray:
+    return np.clip(np.asarray(x, dtype=np.int64) * (1 << amount), -(2**15), 2**15 - 1)
+
+
+def int16_multiplier(significand: int) -> int:
+    """TFLite's DownScaleInt32ToInt16Multiplier: the 31-bit significand rounded to 15 bits."""
+    if significand >= INT32_MAX - (1 << 15):
+        return 2**15 - 1
+    return (significand + (1 << 15)) >> 16

@@ -13,9 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from eightbit.integer.fixed_point import (
+    doubling_high_mul_int16,
+    int16_multiplier,
     multiply_by_quantized_multiplier,
     multiply_smaller_than_one,
     quantize_multiplier,
+    rounding_divide_by_pot,
+    saturating_left_shift_int16,
+    srdhm_int16,
 )
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
@@ -243,3 +248,26 @@ def requantize_int8(x, in_params, out_params) -> np.ndarray:
     (si, zi), (so, zo) = in_params, out_params
     m, s = quantize_multiplier(float(si) / float(so))
     return np.clip(multiply_by_quantized_multiplier(x.astype(np.int64) - zi, m, s) + zo, -128, 127)
+
+
+def hard_swish(x, in_params, out_params) -> np.ndarray:
+    """HARD_SWISH as TFLite's int16 fixed-point kernel: x on a 2^7 finer input scale, a "relu-ish" factor
+    relu6(x + 3) / 6 in [0, 1] as a 16-bit fixed-point value, their product, then the output shift."""
+    (si, zi), (so, zo) = in_params, out_params
+    hires = np.float32(si) * np.float32(1.0 / 128.0)
+    out_m, out_shift = quantize_multiplier(float(np.float32(hires / np.float32(so))))
+    relu_m, relu_shift = quantize_multiplier(float(np.float32(hires / np.float32(3.0 / 32768.0))))
+    out_m16, relu_m16 = int16_multiplier(out_m), int16_multiplier(relu_m)
+    value = (x.astype(np.int64) - zi) * (1 << 7)
+    preshift = srdhm_int16(value, out_m16)
+    reluish = value
+    if relu_shift > 0:
+        reluish = saturating_left_shift_int16(reluish, relu_shift - 1)
+    reluish = srdhm_int16(reluish, relu_m16)
+    if relu_shift > 0:
+        reluish = saturating_left_shift_int16(reluish, 1)
+    if relu_shift < 0:
+        reluish = rounding_divide_by_pot(reluish, -relu_shift)
+    reluish = (reluish + (1 << 15)) >> 1
+    out = rounding_divide_by_pot(doubling_high_mul_int16(reluish, preshift), -out_shift) + zo
+    return np.clip(out, -128, 127)

@@ -22,6 +22,7 @@ EXPECTED_OPS = {
     "conv_variants": {"PAD", "CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D"},
     "broadcasting": {"CONV_2D", "MEAN", "ADD", "MUL", "CONCATENATION"},
     "activations": {"HARD_SWISH", "MEAN", "LOGISTIC", "MUL", "MAX_POOL_2D", "TRANSPOSE", "RESHAPE", "SOFTMAX"},
+    "hardswish": {"CONV_2D", "HARD_SWISH"},
 }
 
 
@@ -33,8 +34,11 @@ def test_export_runs_on_litert_and_tflm_within_one_code(tmp_path, name, scheme):
     assert report.path.read_bytes()[4:8] == b"TFL3"
     assert EXPECTED_OPS[name] <= set(report.ops)
     assert {p.runtime for p in report.parity} == {"LiteRT", "TFLM"}
-    for parity in report.parity:  # fixed-point requantization vs float rounding: at most one code apart
-        assert parity.max_steps <= 1, str(parity)
+    # Fixed-point requantization vs float rounding: at most one code apart.  TFLite's HARD_SWISH is a 16-bit
+    # fixed-point approximation; the 1x1 conv after it can turn its one-code errors into two.
+    tolerance = 2 if name == "hardswish" else 1
+    for parity in report.parity:
+        assert parity.max_steps <= tolerance, str(parity)
     assert report.arena_bytes > 0
 
 

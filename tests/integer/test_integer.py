@@ -44,7 +44,7 @@ def test_n1_is_derived():
     assert int16_products_that_fit(activation_max=255) == 1
 
 
-REFERENCE_MODELS = ["residual", "depthwise", "concat", "conv_variants", "broadcasting"]
+REFERENCE_MODELS = ["residual", "depthwise", "concat", "conv_variants", "broadcasting", "hardswish"]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
