@@ -42,19 +42,6 @@ def test_export_runs_on_litert_and_tflm_within_one_code(tmp_path, name, scheme):
     assert report.arena_bytes > 0
 
 
-def test_placement_applies_tflite_kernel_constraints():
-    qm = quantized("activations")
-    fixed = [e for e in qm.activation_encodings.values() if any("sigmoid" in t or "softmax" in t for t in e.tensors)]
-    assert len(fixed) == 2
-    for enc in fixed:  # LOGISTIC / SOFTMAX output: scale 1/256, uint8 zero point 0 (int8: -128)
-        assert enc.scale == [1 / 256] and enc.zero_point == [0]
-    concat = quantized("concat")
-    group = next(e for e in concat.activation_encodings.values() if "cat" in e.tensors)
-    assert {"relu", "relu_1", "cat"} <= set(group.tensors)  # concatenation inputs share the output's parameters
-    pooled = quantized("conv_variants")
-    assert any({"conv2d_4", "avg_pool2d"} <= set(e.tensors) for e in pooled.activation_encodings.values())
-
-
 def test_default_target_keeps_onnx_placement():
     torch.manual_seed(0)
     qm = eightbit.quantize(ResidualNet().eval(), calibration_batches(n=2), progress=False)
