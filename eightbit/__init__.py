@@ -8,6 +8,7 @@ from eightbit.config import (
     QuantConfig,
     QuantSpec,
     SmoothQuant,
+    Target,
     int8_weights,
     uint8_activations,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedModel",
     "SmoothQuant",
+    "Target",
     "int8_weights",
     "quantize",
     "uint8_activations",

@@ -108,6 +108,24 @@ class QuantizedModel(nn.Module):
             float16=Scheme.FP16.value in schemes,
         )
 
+    def export_tflite(
+        self, path, *, float_io: bool = False, float_model: bool = False, overwrite: bool = False, check: bool = True
+    ):
+        """Write a fully int8 TFLite model (LiteRT, TensorFlow Lite Micro; batch 1, NHWC) atomically and check its
+        output codes on both interpreters.  float_io: float32 input/output through QUANTIZE/DEQUANTIZE;
+        float_model: the float32 model of the same graph (speed baseline).  Needs the `tflite` extra."""
+        from eightbit.export.tflite import export_tflite
+
+        return export_tflite(
+            self.graph_module,
+            path,
+            self._example_args,
+            float_io=float_io,
+            float_model=float_model,
+            overwrite=overwrite,
+            check=check,
+        )
+
     def encodings(self) -> dict:
         """All quantization parameters as a JSON-ready dict."""
         out = {
@@ -202,7 +220,8 @@ class Calibration:
 
     def _quantize(self, config: QuantConfig, prepared: _Prepared) -> QuantizedModel:
         observers = {g: prepared.gm.get_submodule(OBSERVER_PREFIX + g) for g in self._observers}
-        act = activation_encodings(observers, prepared.placement, config.activations)
+        fixed = prepared.placement.fixed_ranges  # ranges the target's kernels define (TFLite LOGISTIC/SOFTMAX)
+        act = activation_encodings(observers, prepared.placement, config.activations, fixed)
         weight_ranges = None
         if lookup_method(config.activations.method).output_aware or lookup_method(config.weights.method).output_aware:
             act_ranges, weight_ranges = output_aware_ranges(
@@ -214,7 +233,7 @@ class Calibration:
                 config,
                 overflow_fix=overflow_fix_active(config, hw.saturation_risk()),
             )
-            act = activation_encodings(observers, prepared.placement, config.activations, act_ranges)
+            act = activation_encodings(observers, prepared.placement, config.activations, {**act_ranges, **fixed})
         notes = warn_collapsed_ranges(observers, act, config.activations)
         return prepared.finish(act, config, weight_ranges, notes)
 
@@ -308,6 +327,7 @@ def _placement_key(config: QuantConfig) -> tuple:
         config.smooth_quant,
         a.granularity,
         a.channel_axis,
+        config.target,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import sys
@@ -131,6 +132,11 @@ def _cmd_quantize(args) -> int:
             raise ValueError("--encodings and --out name the same file; give the encodings their own .json path")
         check_output_path(args.encodings, args.force)
     config = _config(args)
+    if args.tflite:  # TFLite's kernel constraints are applied at placement: int8 classifier, shared parameters
+        from eightbit import Target
+
+        check_output_path(args.tflite, args.force)
+        config = dataclasses.replace(config, target=Target.TFLITE)
     model, program_shape = _load_model(args.model)
     batches = _batches(args, args.calib, program_shape)
     _check_model_accepts(model, batches, program_shape, args.calib)
@@ -142,6 +148,10 @@ def _cmd_quantize(args) -> int:
     print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
     if report.parity is not None:
         print(report.parity)
+    if args.tflite:
+        tflite = qm.export_tflite(args.tflite, overwrite=args.force)
+        print(f"wrote {tflite.path} ({tflite.size_bytes / 1e6:.2f} MB, TFLM arena {tflite.arena_bytes} bytes)")
+        print("; ".join(str(p) for p in tflite.parity))
     if args.encodings:
         qm.save_encodings(args.encodings, overwrite=args.force)
         print(f"wrote {args.encodings}")
@@ -221,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output .onnx path")
     q.add_argument("--force", action="store_true", help="overwrite existing output files")
     q.add_argument("--encodings", help="also save the quantization parameters (JSON) here")
+    q.add_argument("--tflite", help="also write a fully int8 .tflite here (LiteRT, TFLite Micro; needs [tflite])")
     q.add_argument("--verbose", action="store_true", help="print the per-op table")
     q.add_argument(
         "--no-parity-check",

@@ -29,6 +29,20 @@ class OpKind(enum.Enum):
     ADD = "add"
     CONCAT = "concat"
     POOL = "pool"
+    MUL = "mul"
+    ACTIVATION = "activation"
+
+
+class Target(enum.Enum):
+    """Where the quantized model runs; placement follows that runtime's int8 kernels.
+
+    ONNX: ONNX Runtime / OpenVINO QDQ (the default).  TFLITE: LiteRT and TensorFlow Lite Micro, fully int8: every
+    op including the classifier has an int8 output, average pooling and concatenation keep their input's
+    parameters, and LOGISTIC / SOFTMAX outputs get TFLite's fixed parameters (scale 1/256, lowest code = 0.0).
+    """
+
+    ONNX = "onnx"
+    TFLITE = "tflite"
 
 
 class Scheme(enum.Enum):
@@ -162,6 +176,7 @@ class QuantConfig:
         4x smaller files at a negligible error (each looked-up row is dequantized, the lookup stays exact).
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     smooth_quant: migrate activation outliers into linear weights before calibrating (transformers); None: off.
+    target: the runtime whose int8 kernel constraints placement applies (see Target).
     """
 
     weights: QuantSpec = field(default_factory=int8_weights)
@@ -174,8 +189,11 @@ class QuantConfig:
     bias_correction: bool = True
     quantize_embeddings: bool = True
     smooth_quant: SmoothQuant | None = None
+    target: Target = Target.ONNX
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, Target):
+            raise TypeError(f"target must be a Target ({[t.value for t in Target]}), got {self.target!r}")
         if not isinstance(self.weights, QuantSpec) or not isinstance(self.activations, QuantSpec):
             raise TypeError("weights and activations must be QuantSpec instances")
         if not isinstance(self.overflow_fix, OverflowFix):
@@ -227,7 +245,9 @@ def overflow_fix_active(config: QuantConfig, saturation_risk: bool) -> bool:
     """Whether 7-bit weight codes are used for GEMM-backed layers (see OverflowFix)."""
     fix = config.overflow_fix
     spec = config.weights
-    wanted = fix is OverflowFix.ENABLE or (fix is OverflowFix.AUTO and saturation_risk)
+    # AUTO is about x86 ONNX Runtime / oneDNN; TFLite runtimes (XNNPACK, TFLM) accumulate int8 products in int32.
+    auto = fix is OverflowFix.AUTO and saturation_risk and config.target is Target.ONNX
+    wanted = fix is OverflowFix.ENABLE or auto
     return wanted and spec.signed and spec.bits == 8
 
 

@@ -1,4 +1,5 @@
-"""Insight into a quantized model: accuracy metrics and the calibration-method comparison (`eightbit compare`).
+"""Insight into a quantized model: accuracy metrics and the calibration-method comparison (`eightbit compare`), and the
+MCU/NPU deployment report of an int8 .tflite (`deployment`).
 
 May import anything else in eightbit.  Never `cli` or `demos`.
 """

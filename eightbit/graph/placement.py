@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from eightbit.config import OpKind, QuantConfig
+from eightbit.config import OpKind, QuantConfig, Target
 from eightbit.graph import ops
 from eightbit.graph.utils import module_path
 
@@ -37,6 +37,10 @@ class OpRule:
     only_if_feeds_int8: quantize the op only when its output (through fused activations and data movement)
         is an input of another int8 op.  An int8 add whose result goes to a float LayerNorm only adds a
         quantize/dequantize round trip and error.
+    shares_params: the output and every activation input use one set of parameters (one group): kernels that
+        move or average int8 codes without rescaling (TFLite AVERAGE_POOL_2D, CONCATENATION).
+    output_range: a fixed (lo, hi) range for the output instead of a calibrated one: kernels whose output
+        parameters are part of their definition (TFLite LOGISTIC / SOFTMAX: scale 1/256, zero at the lowest code).
     """
 
     kind: OpKind
@@ -46,6 +50,8 @@ class OpRule:
     quantize_output: bool = True
     float_output_ok: bool = False
     only_if_feeds_int8: bool = False
+    shares_params: bool = False
+    output_range: tuple[float, float] | None = None
 
 
 _CONV = OpRule(OpKind.CONV, (0,), weight_arg=1, bias_arg=2)
@@ -73,6 +79,28 @@ QUANTIZED_OPS: dict[object, OpRule] = {
     aten.adaptive_avg_pool2d.default: _POOL,
     aten.mean.dim: _POOL,
 }
+
+# TFLite (LiteRT, TFLite Micro) runs the whole model in int8, and its kernels constrain parameters: every op has
+# an int8 output (the classifier too), AVERAGE_POOL_2D and CONCATENATION move codes without rescaling (inputs and
+# output share parameters), LOGISTIC and SOFTMAX have the fixed output scale 1/256 with 0.0 at the lowest code.
+# Global pooling (mean) stays a rescaling MEAN.  Nothing is conditional: a float island would break the int8 graph.
+_FIXED_UNIT_RANGE = (0.0, 255.0 / 256.0)  # 256 codes of 1/256 from 0.0: TFLite's LOGISTIC/SOFTMAX output
+_TFLITE_LINEAR = OpRule(OpKind.LINEAR, (0,), weight_arg=1, bias_arg=2)
+TFLITE_OPS: dict[object, OpRule] = {
+    **QUANTIZED_OPS,
+    aten.linear.default: _TFLITE_LINEAR,
+    aten.add.Tensor: OpRule(OpKind.ADD, (0, 1)),
+    aten.add_.Tensor: OpRule(OpKind.ADD, (0, 1)),
+    aten.mul.Tensor: OpRule(OpKind.MUL, (0, 1)),
+    aten.cat.default: OpRule(OpKind.CONCAT, (0,), shares_params=True),
+    aten.avg_pool2d.default: OpRule(OpKind.POOL, (0,), shares_params=True),
+    aten.sigmoid.default: OpRule(OpKind.ACTIVATION, (0,), output_range=_FIXED_UNIT_RANGE),
+    aten.softmax.int: OpRule(OpKind.ACTIVATION, (0,), output_range=_FIXED_UNIT_RANGE),
+    aten._softmax.default: OpRule(OpKind.ACTIVATION, (0,), output_range=_FIXED_UNIT_RANGE),
+    aten.hardswish.default: OpRule(OpKind.ACTIVATION, (0,)),
+}
+
+RULES: dict[Target, dict[object, OpRule]] = {Target.ONNX: QUANTIZED_OPS, Target.TFLITE: TFLITE_OPS}
 
 # Applied to a quantized op's output before its Q/DQ pair: the runtimes fuse them into the int8 kernel.
 FUSED_ACTIVATIONS = {
@@ -117,6 +145,8 @@ class Placement:
     # Tensors quantized only for some consumers (the rest keep reading the float value): tensor -> consumers.
     # Tensors produced by an int8 op are absent: every consumer reads their dequantized value.
     consumers: dict[str, list[str]] = field(default_factory=dict)
+    # Groups whose range is fixed by the target's kernel (OpRule.output_range), not calibrated: group -> (lo, hi).
+    fixed_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def group_of(self) -> dict[str, str]:
         return {t: g for g, members in self.groups.items() for t in members}
@@ -205,7 +235,7 @@ def check_keep_float(gm: fx.GraphModule, keep_float: Iterable[str], known: Itera
 def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
     """Decide which tensors get Q/DQ pairs (grouped by shared parameters) and which ops run in int8."""
     placement = Placement()
-    accepted = _int8_ops(gm, config, placement)
+    accepted = _int8_ops(gm, config, placement, RULES[config.target])
     groups = _Groups()
     produced: set[fx.Node] = set()  # outputs of int8 ops: quantized for all their consumers
     consumers: dict[fx.Node, list[str]] = {}
@@ -224,7 +254,10 @@ def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
         for tensor in _activation_inputs(node, rule):
             groups.add(tensor)
             consumers.setdefault(tensor, []).append(node.name)
+            if rule.shares_params:
+                groups.union(tensor, _fused_chain_end(node))
     _share_through_data_movement(gm, groups, produced)
+    fixed = {groups.find(_fused_chain_end(n)): r.output_range for n, r in accepted.items() if r.output_range}
     members: dict[fx.Node, list[str]] = {}
     for node in gm.graph.nodes:  # graph order keeps group names deterministic
         if node in groups.parent:
@@ -232,16 +265,19 @@ def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
             if node not in produced:
                 placement.consumers[node.name] = consumers[node]
     placement.groups = {f"act{i}": names for i, names in enumerate(members.values())}
+    placement.fixed_ranges = {f"act{i}": fixed[root] for i, root in enumerate(members) if root in fixed}
     return placement
 
 
-def _int8_ops(gm: fx.GraphModule, config: QuantConfig, placement: Placement) -> dict[fx.Node, OpRule]:
-    """The ops that run in int8, in graph order; records why the others stay float."""
+def _int8_ops(
+    gm: fx.GraphModule, config: QuantConfig, placement: Placement, rules: dict[object, OpRule]
+) -> dict[fx.Node, OpRule]:
+    """The ops that run in int8 under `rules`, in graph order; records why the others stay float."""
     candidates: dict[fx.Node, OpRule] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or not _is_float_tensor(node):
             continue
-        rule = QUANTIZED_OPS.get(node.target)
+        rule = rules.get(node.target)
         if rule is None:
             if node.target not in SHARED_PARAMS_OPS and node.target not in FUSED_ACTIVATIONS:
                 placement.float_ops[node.name] = f"no int8 rule for {node.target}"
