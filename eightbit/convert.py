@@ -91,6 +91,7 @@ def convert(
         spec = layer_weight_spec(w, config.weights, overflow_fix)
         enc = weight_encoding(w, spec, weight_ranges.get(node.name))
         enc.tensors = [node.name]
+        _fit_bias_in_int32(enc, _bias_and_input_scale(gm, node, rule, dq_of_call))
         scale, zp = enc.tensors_()
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)
         args = list(node.args)
@@ -195,6 +196,37 @@ def _bias_shift(node, rule, args, dq_of_call, w, q, enc) -> torch.Tensor | None:
     scale, zp = enc.tensors_()
     error = qmath.dequantize(q, scale, zp, enc.axis) - w.detach().float()
     return bias_shift(error, mean, groups).float()
+
+
+# Bias codes are kept below this (half the int32 range): headroom for a bias correction added later.
+_BIAS_CODE_LIMIT = 2**30
+
+
+def _bias_and_input_scale(gm, node, rule, dq_of_call) -> tuple[torch.Tensor, float] | None:
+    """The layer's float bias and its input's (per-tensor) scale, when the bias will be stored as int32."""
+    pos = rule.bias_arg
+    bias = attr_value(gm, node.args[pos]) if pos is not None and pos < len(node.args) else None
+    act = dq_of_call.get(node.args[rule.activation_args[0]])
+    if bias is None or act is None or act.axis is not None:
+        return None
+    return bias.detach().float(), float(act.scale[0])
+
+
+def _fit_bias_in_int32(enc: Encoding, found: tuple[torch.Tensor, float] | None) -> None:
+    """Raise the weight scale of the channels whose bias would not fit int32 at input_scale * weight_scale.
+
+    Such channels have tiny weights (BatchNorm-folded channels that are nearly dead, say): their scale is
+    raised just enough that bias / (input_scale * weight_scale) stays below 2^30.  The weights of the channel
+    lose at most half a new step each (~|bias| / 2^31 per unit of input, far below one output step), the bias
+    stays exact to a code, and the layer keeps its int32 bias (the form the runtimes fuse).  Only symmetric
+    per-channel weights are adjusted; anything else that overflows keeps a float bias (`_quantize_bias`)."""
+    if found is None or enc.axis is None or any(z != enc.zero_point[0] for z in enc.zero_point):
+        return
+    bias, in_scale = found
+    if not (in_scale > 0 and torch.isfinite(torch.tensor(in_scale))) or bias.numel() != len(enc.scale):
+        return
+    needed = (bias.double().abs() / (in_scale * _BIAS_CODE_LIMIT)).tolist()
+    enc.scale = [max(s, float(torch.tensor(n, dtype=torch.float32))) for s, n in zip(enc.scale, needed, strict=True)]
 
 
 def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None, notes=None) -> None:

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from eightbit import QuantConfig, int8_weights, quantize, uint8_activations
+from eightbit import Granularity, QuantConfig, int8_weights, quantize, uint8_activations
 
 
 class TinyInputNet(nn.Module):
@@ -26,9 +26,12 @@ def _tiny_inputs(n: int = 4):
     return [torch.randn(8, 4, generator=g) * 1e-5 for _ in range(n)]
 
 
-def test_bias_beyond_int32_stays_float_instead_of_wrapping(tmp_path):
+PER_TENSOR = QuantConfig(weights=int8_weights(granularity=Granularity.PER_TENSOR))
+
+
+def test_bias_beyond_int32_raises_the_weight_scale_instead_of_wrapping():
     # input scale ~1.6e-7 x weight scale ~7.9e-4: bias 1.0 needs ~8e9 codes.  It used to saturate, wrap to
-    # -2^31 and come out as -0.27.
+    # -2^31 and come out as -0.27.  Per-channel weights: the weight scales grow until the bias fits.
     model = TinyInputNet().eval()
     data = _tiny_inputs()
     qm = quantize(model, data, progress=False)
@@ -36,11 +39,27 @@ def test_bias_beyond_int32_stays_float_instead_of_wrapping(tmp_path):
     with torch.no_grad():
         want, got = model(x), qm(x)
         hidden = torch.relu(model.a(x))
-    assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
     assert float(hidden.min()) > 0.9  # the bias dominates: every hidden value is ~1.0
-    assert "a" in qm.summary() and "bias kept in float" in qm.summary()
-    assert not any(n.endswith("linear_bias_q") for n, _ in qm.graph_module.named_buffers())
-    # The float bias exports and matches ONNX Runtime.
+    assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
+    biases = [b for n, b in qm.graph_module.named_buffers() if n.endswith("_bias_q")]
+    assert len(biases) == 2 and all(int(b.abs().max()) < 2**31 - 1 for b in biases)
+    assert "bias kept in float" not in qm.summary()
+
+
+def test_bias_beyond_int32_with_one_weight_scale_stays_float_and_exports(tmp_path):
+    # A per-tensor weight scale cannot grow for one channel: the bias stays float (added after the layer) and
+    # summary() says so.
+    model = TinyInputNet().eval()
+    data = _tiny_inputs()
+    qm = quantize(model, data, config=PER_TENSOR, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        want, got = model(x), qm(x)
+    assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
+    assert "note: linear: bias kept in float" in qm.summary()
+    assert not any(n.startswith("linear_bias_q") for n, _ in qm.graph_module.named_buffers())
+    # The float bias exports and matches ONNX Runtime (a float bias read by Gemm itself did not: ORT's QDQ
+    # fusion converted it to int32 again, where it overflowed).
     report = qm.export_onnx(tmp_path / "tiny.onnx")
     assert report.parity.max_steps <= 2
 
@@ -79,10 +98,30 @@ def test_conv_bias_beyond_int32_stays_float_and_exports(tmp_path):
         model[0].bias.fill_(1.0)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(4, 2, 8, 8, generator=g) * 1e-5 for _ in range(3)]
-    qm = quantize(model, data, progress=False)
+    qm = quantize(model, data, config=PER_TENSOR, progress=False)
     x = torch.cat(data)
     with torch.no_grad():
         want, got = model(x), qm(x)
     assert torch.allclose(got, want, atol=0.02 * float(want.abs().max()))
     assert "bias kept in float" in qm.summary()
     assert qm.export_onnx(tmp_path / "conv.onnx").parity.max_steps <= 2
+
+
+def test_a_nearly_dead_channel_gets_a_coarser_weight_scale_not_a_float_bias(tmp_path):
+    # BatchNorm folding leaves channels with weights ~1e-9 and an ordinary bias: at input_scale x 1e-11 the bias
+    # needs ~1e11 codes.  Raising that channel's weight scale keeps the int32 bias (and the runtimes' fusion).
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[2] = 1e-9 * torch.randn(3, 3, 3)
+        model[0].bias[2] = 3.0
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(3)]
+    qm = quantize(model, data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        want, got = model(x), qm(x)
+    assert torch.allclose(got, want, atol=0.03 * float(want.abs().max()))
+    assert "bias kept in float" not in qm.summary()
+    biases = [b for n, b in qm.graph_module.named_buffers() if n.endswith("_bias_q")]
+    assert len(biases) == 2 and all(b.abs().max() < 2**31 - 1 for b in biases)
+    assert qm.export_onnx(tmp_path / "dead.onnx").parity.max_steps <= 2

@@ -79,8 +79,9 @@ def collapsed_ranges(observers: dict[str, Observer], encodings: dict, spec) -> l
         lo, hi = (enc.qmin - enc.zero_point[0]) * enc.scale[0], (enc.qmax - enc.zero_point[0]) * enc.scale[0]
         messages.append(
             f"{observer.label}: {share:.1%} of its calibration values fall in {COLLAPSE_CODES} of "
-            f"{enc.qmax - enc.qmin + 1} codes of the {spec.method} range [{lo:.4g}, {hi:.4g}] (far outliers set it), "
-            f"so the int8 model loses this tensor; use {_SUGGESTIONS.get(spec.method, 'mse or kl')}, or keep it float"
+            f"{enc.qmax - enc.qmin + 1} codes of the {spec.method} range [{lo:.4g}, {hi:.4g}], so the int8 model "
+            f"loses most of this tensor's variation (far outliers set such a range); use "
+            f"{_SUGGESTIONS.get(spec.method, 'mse or kl')}, or keep it float"
         )
     return messages
 
