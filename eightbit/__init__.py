@@ -12,6 +12,7 @@ from eightbit.config import (
 )
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
+from eightbit.qat import QATConfig, prepare_qat
 
 __all__ = [
     "Calibration",
@@ -19,11 +20,13 @@ __all__ = [
     "CaptureError",
     "Granularity",
     "OpKind",
+    "QATConfig",
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",
     "SmoothQuant",
     "int8_weights",
+    "prepare_qat",
     "quantize",
     "uint8_activations",
 ]

@@ -63,7 +63,8 @@ def convert(
 
     With `overflow_fix`, weights of GEMM-backed layers (all but depthwise convolutions) use 7-bit codes.
     weight_ranges: layer node name -> (lo, hi) per channel chosen by an output-aware search (`calibration.refine`),
-        used instead of the weight method's range; biases are quantized with the resulting scales.
+        used instead of the weight method's range; biases are quantized with the resulting scales.  A value that is
+        already an `Encoding` (QAT's learned weight scales) is used as it is.
     """
     weight_ranges = weight_ranges or {}
     dq_of_call: dict[fx.Node, Encoding] = {}
@@ -86,7 +87,8 @@ def convert(
             weight_encodings[node.name] = _simulated_weight(gm, node, rule, w, config.weights)
             continue
         spec = layer_weight_spec(w, config.weights, overflow_fix)
-        enc = weight_encoding(w, spec, weight_ranges.get(node.name))
+        given = weight_ranges.get(node.name)
+        enc = given if isinstance(given, Encoding) else weight_encoding(w, spec, given)
         enc.tensors = [node.name]
         scale, zp = enc.tensors_()
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)
