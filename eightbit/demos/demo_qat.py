@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eightbit import QuantConfig, QATConfig, int8_weights, prepare_qat, quantize, uint8_activations
+from eightbit import QATConfig, QuantConfig, int8_weights, prepare_qat, quantize, uint8_activations
 from eightbit.fileio import atomic_path
 from eightbit.runtime.backends import Backend, RuntimeOptions, load
 
@@ -35,8 +35,10 @@ def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{images} is missing: install the data with `apt-get install -y dataset-fashion-mnist` (make demo-qat "
             "does it)"
         )
-    x = np.frombuffer(gzip.open(images).read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
-    y = np.frombuffer(gzip.open(labels).read(), np.uint8, offset=8)
+    with gzip.open(images) as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    with gzip.open(labels) as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8)
     x = (torch.from_numpy(x.copy()).float() / 255 - MEAN) / STD
     return x, torch.from_numpy(y.astype(np.int64))
 
