@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-text test test-fast lint bench bench-text clean
+.PHONY: setup demo demo-text demo-qat test test-fast lint bench bench-text clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ demo: setup
 
 demo-text: setup
 	$(BIN)/python -m eightbit.demos.demo_text
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+# Fashion-MNIST ships as a Debian package; installed (as root, or with sudo) when missing.
+demo-qat: setup
+	@test -f $(FASHION_MNIST) || { S=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$S apt-get update -qq && $$S apt-get install -y -qq dataset-fashion-mnist; }
+	$(BIN)/python -m eightbit.demos.demo_qat
 
 test: setup
 	$(BIN)/ruff check eightbit tests bench

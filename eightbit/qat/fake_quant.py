@@ -69,6 +69,52 @@ def fake_quantize(
     return round_ste(torch.clamp(x / s, qmin - z, qmax - z)) * s
 
 
+class _LsqFakeQuantize(torch.autograd.Function):
+    """round(clip(x / s, qmin - z, qmax - z)) * s with LSQ's gradients in a few fused passes (about half the
+    passes of autograd through the composed ops).  Saves only x; x / s is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis, factor: float):
+        s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+        lo, hi = qmin - z, qmax - z
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.config = (qmin, qmax, axis, factor)
+        return torch.clamp(x / s, lo, hi).round_().mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax, axis, factor = ctx.config
+        s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+        lo, hi = qmin - z, qmax - z
+        v = x / s
+        inside = (v >= lo) & (v <= hi)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        dims = [d for d in range(x.dim()) if axis is None or d != axis % x.dim()]
+        grad_scale = grad_zp = None
+        if ctx.needs_input_grad[1]:
+            # round(clip(v)) is lo / hi where clipped, so subtracting v only inside gives LSQ's d out / d s.
+            term = torch.clamp(v, lo, hi).round_().sub_(v * inside)
+            grad_scale = (grad * term).sum(dims).reshape(scale.shape) * factor
+        if ctx.needs_input_grad[2]:
+            grad_zp = -(grad * ~inside).sum(dims).reshape(zero_point.shape) * scale * factor
+        return grad_x, grad_scale, grad_zp, None, None, None, None
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None,
+    grad_factor: float,
+) -> torch.Tensor:
+    """`fake_quantize` (same values, same gradients) with the scale and zero-point gradients multiplied by
+    `grad_factor` (LSQ's g), as one autograd node: cheaper in training than autograd through the composed ops."""
+    return _LsqFakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+
+
 class FakeQuantizer(nn.Module):
     """A learnable fake quantizer for one tensor group or one weight.
 
@@ -163,13 +209,15 @@ class FakeQuantizer(nn.Module):
             return x
         factor = lsq_grad_factor(self._values_per_scale(x), self.qmax)
         if self.power_of_two:
-            scale = torch.exp2(round_ste(self._trained(self.log2_scale, factor)))
+            scale = torch.exp2(round_ste(self._trained(self.log2_scale, 1.0)))
         else:
-            scale = self._positive(self._trained(self.scale, factor))
+            scale = self._positive(self._trained(self.scale, 1.0))
         zp = self.zero_point
         if isinstance(zp, nn.Parameter):
-            zp = torch.clamp(round_ste(self._trained(zp, factor)), self.qmin, self.qmax)
-        return fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis)
+            zp = torch.clamp(round_ste(self._trained(zp, 1.0)), self.qmin, self.qmax)
+        else:  # a copy: observing later in this forward pass (shared groups) updates the buffer in place
+            zp = zp.clone()
+        return lsq_fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis, factor)
 
     def _values_per_scale(self, x: torch.Tensor) -> int:
         n = x.numel()
