@@ -3,7 +3,8 @@
 Both steps are forward + backward + SGD update in training mode (BatchNorm with batch statistics; in QAT, the
 simulated BatchNorm folding and every fake quantizer learning).  The two variants are timed side by side in
 one process, interleaved (fp32, QAT, QAT, fp32, ...) so a slow phase of the shared machine hits both alike;
-each block is `--steps` steps after its own warm-up, and the table shows the median block per step.
+each block is `--steps` steps after its own warm-up, and the table shows the median block per step, as wall
+time and as this process's CPU time (steadier when other processes share the cores).
 
     PYTHONPATH=. .venv/bin/python bench/qat_step.py [--rounds 6] [--steps 5] [--threads 2]
 """
@@ -32,14 +33,14 @@ def _step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     model.train()
 
-    def run(steps: int) -> float:
-        start = time.perf_counter()
+    def run(steps: int) -> tuple[float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
     return run
 
@@ -53,8 +54,8 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, classes: int, rounds: 
         for kind in ("fp32", "qat") if r % 2 == 0 else ("qat", "fp32"):
             timers[kind](1)  # warm-up after the other variant ran
             times[kind].append(timers[kind](steps))
-    fp32, q = statistics.median(times["fp32"]), statistics.median(times["qat"])
-    return dict(name=name, batch=tuple(x.shape), fp32_ms=1e3 * fp32, qat_ms=1e3 * q, ratio=q / fp32)
+    med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in times.items()}
+    return dict(name=name, batch=tuple(x.shape), fp32=med["fp32"], qat=med["qat"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         measure("demo TinyMobileNet", TinyMobileNet().eval(), torch.randn(128, 1, 28, 28), 10, args.rounds, args.steps),
         measure("ResNet-18", resnet18(), torch.randn(8, 3, 224, 224), 1000, args.rounds, args.steps),
     ]
-    print("| model | batch | fp32 step ms | QAT step ms | QAT / fp32 |")
+    print("| model | batch | fp32 step ms (wall / CPU) | QAT step ms (wall / CPU) | QAT / fp32 (wall / CPU) |")
     print("|---|---|---|---|---|")
     for r in rows:
         batch = "x".join(map(str, r["batch"]))
-        print(f"| {r['name']} | {batch} | {r['fp32_ms']:.1f} | {r['qat_ms']:.1f} | {r['ratio']:.2f}x |")
+        (fw, fc), (qw, qc) = r["fp32"], r["qat"]
+        print(
+            f"| {r['name']} | {batch} | {1e3 * fw:.1f} / {1e3 * fc:.1f} | {1e3 * qw:.1f} / {1e3 * qc:.1f} "
+            f"| {qw / fw:.2f}x / {qc / fc:.2f}x |"
+        )
     return 0
 
 

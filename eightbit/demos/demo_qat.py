@@ -69,14 +69,15 @@ class TinyMobileNet(nn.Module):
 
 
 def train_epochs(model: nn.Module, x, y, *, epochs: float, lr: float, batch: int, seed: int, log=None) -> None:
-    """Adam with cosine decay over `epochs` (fractions allowed); `log(step, loss, accuracy)` every 20 steps."""
+    """Adam with cosine decay over `epochs` (fractions allowed); `log(epoch, loss, accuracy)` every 20 steps, with
+    the loss and batch accuracy averaged over those 20 steps."""
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // batch
     total = int(epochs * steps_per_epoch)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     model.train()
-    step, order = 0, torch.randperm(len(x), generator=generator)
+    step, order, window = 0, torch.randperm(len(x), generator=generator), []
     while step < total:
         i = step % steps_per_epoch
         if i == 0 and step:
@@ -89,8 +90,10 @@ def train_epochs(model: nn.Module, x, y, *, epochs: float, lr: float, batch: int
         opt.step()
         sched.step()
         step += 1
+        window.append((loss.item(), (logits.argmax(1) == y[idx]).float().mean().item()))
         if log is not None and (step % 20 == 0 or step == total):
-            log(step / steps_per_epoch, loss.item(), (logits.argmax(1) == y[idx]).float().mean().item())
+            log(step / steps_per_epoch, *np.mean(window, axis=0))
+            window = []
     model.eval()
 
 
@@ -135,8 +138,8 @@ def plot_curve(points: list[tuple[float, float, float]], path: Path, fp32: float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out", help="folder for the ONNX file and the PNG")
-    parser.add_argument("--fp32-epochs", type=float, default=2.0)
-    parser.add_argument("--qat-epochs", type=float, default=1.0, help="at most 2")
+    parser.add_argument("--fp32-epochs", type=float, default=3.0)
+    parser.add_argument("--qat-epochs", type=float, default=2.0, help="at most 2")
     parser.add_argument("--bits", type=int, default=4, help="weight and activation bits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
