@@ -68,9 +68,12 @@ class TinyMobileNet(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
-def train_epochs(model: nn.Module, x, y, *, epochs: float, lr: float, batch: int, seed: int, log=None) -> None:
+def train_epochs(
+    model: nn.Module, x, y, *, epochs: float, lr: float, batch: int, seed: int, log=None, teacher=None
+) -> None:
     """Adam with cosine decay over `epochs` (fractions allowed); `log(epoch, loss, accuracy)` every 20 steps, with
-    the loss and batch accuracy averaged over those 20 steps."""
+    the loss and batch accuracy averaged over those 20 steps.  With a `teacher`, the loss adds the KL divergence
+    to its predictions (distillation, the usual companion of QAT)."""
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // batch
     total = int(epochs * steps_per_epoch)
@@ -85,6 +88,10 @@ def train_epochs(model: nn.Module, x, y, *, epochs: float, lr: float, batch: int
         idx = order[i * batch : (i + 1) * batch]
         logits = model(x[idx])
         loss = F.cross_entropy(logits, y[idx])
+        if teacher is not None:
+            with torch.no_grad():
+                target = F.softmax(teacher(x[idx]), dim=1)
+            loss = loss + F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     model = TinyMobileNet()
-    train_epochs(model, x_train, y_train, epochs=args.fp32_epochs, lr=3e-3, batch=128, seed=args.seed)
+    cache = out / f"tiny_mobilenet_fp32_e{args.fp32_epochs:g}_s{args.seed}.pt"
+    if cache.exists():  # trained by an earlier run with the same settings
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        model.eval()
+    else:
+        train_epochs(model, x_train, y_train, epochs=args.fp32_epochs, lr=3e-3, batch=128, seed=args.seed)
+        with atomic_path(cache, overwrite=True) as tmp:
+            torch.save(model.state_dict(), tmp)
     fp32 = accuracy(model, x_test, y_test)
-    print(f"fp32: {fp32:.2f}% after {args.fp32_epochs:g} epochs ({time.perf_counter() - start:.0f} s)")
+    print(f"fp32: {fp32:.2f}% after {args.fp32_epochs:g} epochs ({time.perf_counter() - start:.0f} s; weights {cache})")
 
     config = QuantConfig(
         weights=int8_weights(bits=args.bits), activations=uint8_activations(bits=args.bits, method="percentile")
@@ -175,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     steps_per_epoch = len(x_train) // 128
-    qat = prepare_qat(
-        model, calibration, config=config, qat=QATConfig(freeze_bn_after=steps_per_epoch // 2), progress=False
-    )
+    qat = prepare_qat(model, calibration, config=config, qat=QATConfig(freeze_bn_after=steps_per_epoch), progress=False)
     curve: list[tuple[float, float, float]] = []
     train_epochs(
         qat,
