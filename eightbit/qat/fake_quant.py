@@ -25,22 +25,6 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
-
-
-def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """t unchanged in the forward pass; its gradient multiplied by `factor` in the backward pass."""
-    return t if factor == 1.0 else _ScaleGrad.apply(t, factor)
-
-
 def lsq_grad_factor(values_per_scale: int, qmax: int) -> float:
     """LSQ's gradient scale g = 1 / sqrt(N * Qp): N values share one scale (per sample for activations, per
     channel for weights) and Qp = qmax is the largest positive code."""
@@ -196,9 +180,9 @@ class FakeQuantizer(nn.Module):
         """The integer zero point the forward pass uses now."""
         return torch.clamp(torch.round(self.zero_point.detach()), self.qmin, self.qmax)
 
-    def _trained(self, p: torch.Tensor, factor: float) -> torch.Tensor:
+    def _trained(self, p: torch.Tensor) -> torch.Tensor:
         if self.training and self.learning:
-            return scale_grad(p, factor)
+            return p
         return p.detach() + 0.0 * p if p.requires_grad else p  # value unchanged, zero gradient
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -209,12 +193,12 @@ class FakeQuantizer(nn.Module):
             return x
         factor = lsq_grad_factor(self._values_per_scale(x), self.qmax)
         if self.power_of_two:
-            scale = torch.exp2(round_ste(self._trained(self.log2_scale, 1.0)))
+            scale = torch.exp2(round_ste(self._trained(self.log2_scale)))
         else:
-            scale = self._positive(self._trained(self.scale, 1.0))
+            scale = self._positive(self._trained(self.scale))
         zp = self.zero_point
         if isinstance(zp, nn.Parameter):
-            zp = torch.clamp(round_ste(self._trained(zp, 1.0)), self.qmin, self.qmax)
+            zp = torch.clamp(round_ste(self._trained(zp)), self.qmin, self.qmax)
         else:  # a copy: observing later in this forward pass (shared groups) updates the buffer in place
             zp = zp.clone()
         return lsq_fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis, factor)

@@ -7,7 +7,7 @@ import torch
 from eightbit import qmath
 from eightbit.calibration.encodings import Encoding
 from eightbit.graph import ops
-from eightbit.qat.fake_quant import FakeQuantizer, fake_quantize, lsq_grad_factor, round_ste
+from eightbit.qat.fake_quant import FakeQuantizer, fake_quantize, lsq_fake_quantize, lsq_grad_factor, round_ste
 
 
 def test_round_ste_rounds_half_to_even_and_passes_the_gradient():
@@ -116,3 +116,23 @@ def test_observing_sets_parameters_from_a_moving_average_of_ranges():
     assert torch.allclose(fq.observed_hi, torch.tensor(0.5 * 255.0 + 0.5 * 3.0))
     want, want_zp = qmath.qparams_from_range(fq.observed_lo, fq.observed_hi, qmin=0, qmax=255, symmetric=False)
     assert torch.equal(fq.scale.detach(), want) and fq.zero_point.item() == want_zp.item()
+
+
+def test_fused_lsq_node_matches_autograd_through_the_composed_ops():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 5, 5, generator=g) * 3
+    upstream = torch.randn(x.shape, generator=g)
+    for axis, shape in ((None, ()), (1, (4,))):
+        grads = []
+        for fn in ("composed", "fused"):
+            xi = x.clone().requires_grad_()
+            s = torch.full(shape, 0.05).requires_grad_()
+            z = torch.full(shape, 20.0).requires_grad_()
+            if fn == "composed":
+                out = fake_quantize(xi, s, z, 0, 255, axis)
+            else:
+                out = lsq_fake_quantize(xi, s, z, 0, 255, axis, 1.0)
+            (out * upstream).sum().backward()
+            grads.append((out.detach(), xi.grad, s.grad, z.grad))
+        for a, b in zip(*grads, strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
