@@ -181,8 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = accuracy(model, x_test, y_test)
     print(f"fp32: {fp32:.2f}% after {args.fp32_epochs:g} epochs ({time.perf_counter() - start:.0f} s; weights {cache})")
 
+    # The stem (1 input channel: the image itself) stays float, as LSQ keeps its first layer at 8 bits: 16 grey
+    # levels of input lose detail that no training recovers.  PTQ and QAT use the same config.
     config = QuantConfig(
-        weights=int8_weights(bits=args.bits), activations=uint8_activations(bits=args.bits, method="percentile")
+        weights=int8_weights(bits=args.bits),
+        activations=uint8_activations(bits=args.bits, method="percentile"),
+        keep_float=("features.0",),
     )
     calibration = list(x_train[:2048].split(256))
     ptq = quantize(model, calibration, config=config, progress=False)
