@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-text demo-mcu test test-fast lint bench bench-text clean
+.PHONY: setup demo demo-text demo-mcu demo-qat test test-fast lint bench bench-text clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ demo-text: setup
 # EfficientNet-Lite0 -> fully int8 .tflite: LiteRT and TFLite Micro accuracy, arena, LiteRT int8 vs fp32 latency.
 demo-mcu: setup
 	$(BIN)/python -m eightbit.demos.demo_mcu
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+# Fashion-MNIST ships as a Debian package; installed (as root, or with sudo) when missing.
+demo-qat: setup
+	@test -f $(FASHION_MNIST) || { S=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$S apt-get update -qq && $$S apt-get install -y -qq dataset-fashion-mnist; }
+	$(BIN)/python -m eightbit.demos.demo_qat
 
 test: setup
 	$(BIN)/ruff check eightbit tests bench

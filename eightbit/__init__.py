@@ -15,6 +15,7 @@ from eightbit.config import (
 from eightbit.export.onnx import ParityError
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
+from eightbit.qat import QATConfig, prepare_qat
 
 __all__ = [
     "Calibration",
@@ -24,12 +25,14 @@ __all__ = [
     "Granularity",
     "OpKind",
     "ParityError",
+    "QATConfig",
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",
     "SmoothQuant",
     "Target",
     "int8_weights",
+    "prepare_qat",
     "quantize",
     "uint8_activations",
 ]

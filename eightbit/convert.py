@@ -64,7 +64,8 @@ def convert(
 
     With `overflow_fix`, weights of GEMM-backed layers (all but depthwise convolutions) use 7-bit codes.
     weight_ranges: layer node name -> (lo, hi) per channel chosen by an output-aware search (`calibration.refine`),
-        used instead of the weight method's range; biases are quantized with the resulting scales.
+        used instead of the weight method's range; biases are quantized with the resulting scales.  A value that is
+        already an `Encoding` (QAT's learned weight scales) is used as it is.
     notes: if given, one line is appended per layer whose bias had to stay float (see `_quantize_bias`).
     """
     notes = [] if notes is None else notes
@@ -89,7 +90,8 @@ def convert(
             weight_encodings[node.name] = _simulated_weight(gm, node, rule, w, config.weights)
             continue
         spec = layer_weight_spec(w, config.weights, overflow_fix)
-        enc = weight_encoding(w, spec, weight_ranges.get(node.name))
+        given = weight_ranges.get(node.name)
+        enc = given if isinstance(given, Encoding) else weight_encoding(w, spec, given)
         enc.tensors = [node.name]
         _fit_bias_in_int32(enc, _bias_and_input_scale(gm, node, rule, dq_of_call))
         scale, zp = enc.tensors_()

@@ -10,7 +10,7 @@ import pytest
 import eightbit
 
 ROOT = Path(eightbit.__file__).parent
-SUBPACKAGES = ("graph", "calibration", "export", "runtime", "analysis", "demos", "integer")
+SUBPACKAGES = ("graph", "calibration", "export", "runtime", "analysis", "demos", "integer", "qat")
 _NEVER = re.compile(r"Never\s+((?:`[\w.]+`(?:,\s*|\s+or\s+))*`[\w.]+`)")
 
 
