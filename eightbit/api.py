@@ -24,7 +24,7 @@ from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured, _with_batch, capture
 from eightbit.graph.placement import Placement, place
-from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv
+from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normalize_spellings
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
 from eightbit.runtime import hw
@@ -303,6 +303,7 @@ def _prepare(model: nn.Module, example_inputs, config: QuantConfig) -> _Prepared
     args, input_names = _positional(model, args, kwargs)
     captured = capture(model, args)
     gm = captured.graph_module
+    normalize_spellings(gm)  # one spelling per quantizable op (string padding, addmm, in-place ops...)
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
