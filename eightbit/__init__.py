@@ -12,6 +12,7 @@ from eightbit.config import (
 )
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
+from eightbit.graph.macs import MostlyFloatWarning
 
 __all__ = [
     "Calibration",
@@ -23,6 +24,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedModel",
     "SmoothQuant",
+    "MostlyFloatWarning",
     "int8_weights",
     "quantize",
     "uint8_activations",

@@ -23,6 +23,7 @@ from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured, _with_batch, capture
+from eightbit.graph.macs import MacReport, count_macs, warn_if_mostly_float
 from eightbit.graph.placement import Placement, place
 from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normalize_spellings
 from eightbit.graph.transforms.attention import decompose_attention
@@ -50,6 +51,7 @@ class QuantizedModel(nn.Module):
         input_names: list[str],
         folded_batchnorms: int,
         smooth_alpha: float | None = None,
+        macs: MacReport | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -63,6 +65,7 @@ class QuantizedModel(nn.Module):
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self.smooth_alpha = smooth_alpha
+        self.macs = macs or MacReport()  # multiply-accumulates per conv/linear/matmul, int8 or float (and why)
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -115,10 +118,13 @@ class QuantizedModel(nn.Module):
             tmp.write_text(json.dumps(self.encodings(), indent=1))
 
     def summary(self) -> str:
-        """A table of every compute op: int8 or float, and why."""
+        """The share of multiply-accumulates that run in int8 (and the largest float ops), then a table of every
+        compute op: int8 or float, and why."""
         w = self.config.weights
         reduced = sum(1 for e in self.weight_encodings.values() if e.qmax < w.qmax)
         lines = [
+            self.macs.headline(),
+            *self.macs.float_lines(),
             f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
             + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
@@ -190,7 +196,9 @@ class Calibration:
                     f"method {name!r} needs statistics {missing} that this calibration did not collect; pass "
                     f"methods=[{name!r}] to eightbit.calibrate (with a new cache file, if one is used)"
                 )
-        return self._quantize(config, copy.deepcopy(self._prepared))  # convert rewrites the graph in place
+        quantized = self._quantize(config, copy.deepcopy(self._prepared))  # convert rewrites the graph in place
+        warn_if_mostly_float(quantized.macs)
+        return quantized
 
     def _quantize_once(self) -> QuantizedModel:
         """`quantize()` with the calibration's own config, consuming this calibration (no graph copy)."""
@@ -269,6 +277,7 @@ class _Prepared:
         self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None
     ) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
+        macs = count_macs(self.gm, self.placement)  # before convert renames the layers it rewrites
         weights = convert(self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges)
         example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
         return QuantizedModel(
@@ -282,6 +291,7 @@ class _Prepared:
             input_names=self.input_names,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
+            macs=macs,
         )
 
 
@@ -456,7 +466,9 @@ def quantize(
         if calibration_data is None:
             raise ValueError("pass calibration_data (representative inputs) or encodings saved from an earlier run")
         calibration = calibrate(model, calibration_data, example_inputs, config=config, progress=progress)
-        return calibration._quantize_once()
+        quantized = calibration._quantize_once()
+        warn_if_mostly_float(quantized.macs)
+        return quantized
     if example_inputs is None:
         raise ValueError("example_inputs is required when quantizing from saved encodings")
     if config.smooth_quant is not None:
@@ -466,7 +478,9 @@ def quantize(
     source = _read_encodings(encodings)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
     weight_ranges = _saved_weight_ranges(source) if lookup_method(config.weights.method).output_aware else None
-    return prepared.finish(_load_activation_encodings(source, prepared.placement), config, weight_ranges)
+    quantized = prepared.finish(_load_activation_encodings(source, prepared.placement), config, weight_ranges)
+    warn_if_mostly_float(quantized.macs)
+    return quantized
 
 
 def _peek(data: Iterable):
