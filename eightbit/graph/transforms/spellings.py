@@ -10,6 +10,7 @@ prove equivalent alone.  The math that decides (padding sizes, einsum plans) is 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -353,9 +354,50 @@ def fold_constant_weight_norm(gm: fx.GraphModule) -> int:
     return count
 
 
+def drop_eval_dropout_(gm: fx.GraphModule) -> int:
+    """dropout_(x, p, train=False) writes nothing and returns x: its readers read x (MobileNetV2's classifier)."""
+    count = 0
+    for node in [n for n in gm.graph.nodes if _is_call(n, {aten.dropout_.default})]:
+        if not _arg(node, 2, "train", False):
+            _replace(gm, node, node.args[0])
+            count += 1
+    return count
+
+
+def _is_grad_mode_region(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "wrap_with_set_grad_enabled"
+
+
+def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
+    """Inline `torch.no_grad()` / `enable_grad()` regions (higher-order `wrap_with_set_grad_enabled` calls,
+    e.g. Llama's rotary embedding) into the graph: grad mode changes no value at inference, and placement,
+    MAC counting and the ONNX emitter then see the ops inside.  Returns the count."""
+    count = 0
+    for node in [n for n in gm.graph.nodes if _is_grad_mode_region(n)]:
+        body = getattr(gm, node.args[1].target, None) if isinstance(node.args[1], fx.Node) else None
+        if not isinstance(body, fx.GraphModule) or any(n.op in ("call_module", "get_attr") for n in body.graph.nodes):
+            continue
+        env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[2:], strict=True))
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "call_function":
+                    env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+        (results,) = next(n for n in body.graph.nodes if n.op == "output").args
+        results = fx.node.map_arg(results, env.__getitem__)
+        for user in list(node.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise RuntimeError(f"unexpected reader {user} of a grad-mode region")
+            _replace(gm, user, results[user.args[1]])
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 def normalize_spellings(gm: fx.GraphModule) -> dict[str, int]:
     """Every rewrite of this module, in dependency order; returns the count of each (for tests and logs)."""
     counts = {
+        "grad_mode_regions": inline_grad_mode_regions(gm),
+        "eval_dropout_": drop_eval_dropout_(gm),
         "inplace": functionalize_inplace(gm),
         "weight_norm": fold_constant_weight_norm(gm),
         "conv_padding": explicit_conv_padding(gm),
@@ -366,5 +408,6 @@ def normalize_spellings(gm: fx.GraphModule) -> dict[str, int]:
     }
     if any(counts.values()):
         gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
         gm.recompile()
     return counts

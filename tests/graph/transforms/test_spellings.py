@@ -311,3 +311,38 @@ def test_normalize_spellings_counts_each_rewrite():
     gm = capture(InPlace().eval(), (torch.randn(2, 3, 8, 8),)).graph_module
     counts = normalize_spellings(gm)
     assert counts["inplace"] == 4 and sum(counts.values()) == 4
+
+
+# ------------------------------------------------------------------------------------------- regions and no-ops
+
+
+class NoGradTable(nn.Module):
+    """Llama's rotary embedding: a table computed under torch.no_grad(), and an in-place eval dropout on a view
+    (MobileNetV2's classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, 8))
+        self.drop = nn.Dropout(0.2, inplace=True)
+
+    def forward(self, x):
+        with torch.no_grad():
+            angle = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * self.freq
+            table = torch.cos(angle)
+        return self.drop((x * table).flatten(1))
+
+
+def test_grad_mode_regions_are_inlined_and_eval_dropout_dropped_exactly():
+    model = NoGradTable().eval()
+    x = torch.randn(2, 5, 8)
+    gm = capture(model, (x,)).graph_module
+    regions = [n for n in gm.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
+    if not regions:
+        pytest.skip("torch.export inlined the no_grad region itself")
+    counts = normalize_spellings(gm)
+    assert counts["grad_mode_regions"] == 1 and counts["eval_dropout_"] == 1
+    found = _targets(gm)
+    assert found[aten.cos.default] == 1 and found[aten.dropout_.default] == 0
+    assert not [n for n in gm.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
+    _check_same(gm, model, x)
+    _check_same(gm, model, torch.randn(3, 5, 8))
