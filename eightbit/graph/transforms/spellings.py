@@ -393,6 +393,29 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
     return count
 
 
+def whole_input_avg_pool_to_mean(gm: fx.GraphModule) -> int:
+    """avg_pool2d whose window covers the whole (static) input, without padding (EfficientNet's pooler:
+    AvgPool2d(hidden_dim, ceil_mode=True)) -> mean over H, W: the same numbers, written as a global average
+    pool (ONNX AveragePool divides clipped ceil-mode windows differently from PyTorch)."""
+    count = 0
+    for node in [n for n in gm.graph.nodes if _is_call(n, {aten.avg_pool2d.default})]:
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        out = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 4:
+            continue
+        kernel = _per_dim(node.args[1], 2)
+        padding = _per_dim(_arg(node, 3, "padding", 0), 2)
+        spatial = [x.shape[2], x.shape[3]]
+        static = all(isinstance(v, int) for v in spatial) and all(isinstance(v, int) for v in out.shape[2:])
+        if not static or any(padding) or _arg(node, 6, "divisor_override") is not None:
+            continue
+        if list(out.shape[2:]) != [1, 1] or any(k < size for k, size in zip(kernel, spatial, strict=True)):
+            continue
+        _replace(gm, node, _call(gm, node, aten.mean.dim, (node.args[0], [-2, -1], True)))
+        count += 1
+    return count
+
+
 def normalize_spellings(gm: fx.GraphModule) -> dict[str, int]:
     """Every rewrite of this module, in dependency order; returns the count of each (for tests and logs)."""
     counts = {
@@ -405,6 +428,7 @@ def normalize_spellings(gm: fx.GraphModule) -> dict[str, int]:
         "baddbmm": baddbmm_to_bmm(gm),
         "einsum": einsum_to_matmul(gm),
         "matmul_linear": matmul_add_to_linear(gm),
+        "global_avg_pool": whole_input_avg_pool_to_mean(gm),
     }
     if any(counts.values()):
         gm.graph.eliminate_dead_code()

@@ -346,3 +346,23 @@ def test_grad_mode_regions_are_inlined_and_eval_dropout_dropped_exactly():
     assert not [n for n in gm.graph.nodes if "wrap_with_set_grad_enabled" in str(n.target)]
     _check_same(gm, model, x)
     _check_same(gm, model, torch.randn(3, 5, 8))
+
+
+class WholeInputPool(nn.Module):
+    """EfficientNet's pooler: an average pool with a window larger than the input, in ceil mode."""
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(x, 8, ceil_mode=True), nn.functional.avg_pool2d(x, 2)
+
+
+def test_whole_input_average_pool_becomes_a_mean_exactly():
+    from eightbit.graph.transforms.spellings import whole_input_avg_pool_to_mean
+
+    model = WholeInputPool().eval()
+    x = torch.randn(2, 3, 3, 3)
+    gm = capture(model, (x,)).graph_module
+    assert whole_input_avg_pool_to_mean(gm) == 1
+    gm.recompile()
+    assert _targets(gm)[aten.mean.dim] == 1 and _targets(gm)[aten.avg_pool2d.default] == 1
+    for got, want in zip(gm(x), model(x), strict=True):
+        torch.testing.assert_close(got, want)
