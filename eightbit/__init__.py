@@ -16,6 +16,7 @@ from eightbit.export.onnx import ParityError
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
 from eightbit.qat import QATConfig, prepare_qat
+from eightbit.graph.macs import MostlyFloatWarning
 
 __all__ = [
     "Calibration",
@@ -31,6 +32,7 @@ __all__ = [
     "QuantizedModel",
     "SmoothQuant",
     "Target",
+    "MostlyFloatWarning",
     "int8_weights",
     "prepare_qat",
     "quantize",

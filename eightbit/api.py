@@ -24,8 +24,9 @@ from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured, _with_batch, capture
+from eightbit.graph.macs import MacReport, count_macs, warn_if_mostly_float
 from eightbit.graph.placement import Placement, check_keep_float, place
-from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv
+from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normalize_spellings
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
 from eightbit.inputs import InputBinder, InputFn, float32_model, integer_image_error
@@ -53,6 +54,7 @@ class QuantizedModel(nn.Module):
         smooth_alpha: float | None = None,
         notes: list[str] | None = None,
         weights_fingerprint: str | None = None,
+        macs: MacReport | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -68,6 +70,7 @@ class QuantizedModel(nn.Module):
         self.smooth_alpha = smooth_alpha
         self.notes = list(notes or [])  # what the user should know: float32 copy, float biases, collapsed ranges
         self.weights_fingerprint = weights_fingerprint  # of the float model: saved encodings are checked with it
+        self.macs = macs or MacReport()  # multiply-accumulates per conv/linear/matmul, int8 or float (and why)
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -143,10 +146,13 @@ class QuantizedModel(nn.Module):
             tmp.write_text(json.dumps(self.encodings(), indent=1))
 
     def summary(self) -> str:
-        """A table of every compute op: int8 or float, and why."""
+        """The share of multiply-accumulates that run in int8 (and the largest float ops), then a table of every
+        compute op: int8 or float, and why."""
         w = self.config.weights
         reduced = sum(1 for e in self.weight_encodings.values() if e.qmax < w.qmax)
         lines = [
+            self.macs.headline(),
+            *self.macs.float_lines(),
             f"weights: {w.bits}-bit, {'per-channel' if w.per_channel else 'per-tensor'}"
             + (f"; {reduced} GEMM layers use 7-bit codes (overflow fix: this CPU lacks VNNI)" if reduced else ""),
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
@@ -212,7 +218,9 @@ class Calibration:
                     f"method {name!r} needs statistics {missing} that this calibration did not collect; pass "
                     f"methods=[{name!r}] to eightbit.calibrate (with a new cache file, if one is used)"
                 )
-        return self._quantize(config, copy.deepcopy(self._prepared))  # convert rewrites the graph in place
+        quantized = self._quantize(config, copy.deepcopy(self._prepared))  # convert rewrites the graph in place
+        warn_if_mostly_float(quantized.macs)
+        return quantized
 
     def _quantize_once(self) -> QuantizedModel:
         """`quantize()` with the calibration's own config, consuming this calibration (no graph copy)."""
@@ -297,6 +305,7 @@ class _Prepared:
     ) -> QuantizedModel:
         fix = overflow_fix_active(config, hw.saturation_risk())
         notes = list(notes)
+        macs = count_macs(self.gm, self.placement)  # before convert renames the layers it rewrites
         weights = convert(
             self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges, notes=notes
         )
@@ -314,6 +323,7 @@ class _Prepared:
             smooth_alpha=self.smooth_alpha,
             notes=[*self.notes, *notes],
             weights_fingerprint=self.fingerprint,
+            macs=macs,
         )
 
 
@@ -350,6 +360,7 @@ def _prepare(
     binder.expect(args, captured.dynamic_axes)
     gm = captured.graph_module
     check_keep_float(gm, config.keep_float, (name for name, _ in model.named_modules()))
+    normalize_spellings(gm)  # one spelling per quantizable op (string padding, addmm, in-place ops...)
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
@@ -524,7 +535,9 @@ def quantize(
         calibration = calibrate(
             model, calibration_data, example_inputs, config=config, progress=progress, input_fn=input_fn
         )
-        return calibration._quantize_once()
+        quantized = calibration._quantize_once()
+        warn_if_mostly_float(quantized.macs)
+        return quantized
     if example_inputs is None:
         raise ValueError("example_inputs is required when quantizing from saved encodings")
     if config.smooth_quant is not None:
@@ -537,7 +550,9 @@ def quantize(
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
     output_aware = lookup_method(config.weights.method).output_aware
     weight_ranges = saved.saved_weight_ranges(source, prepared.placement, prepared.gm) if output_aware else None
-    return prepared.finish(act, config, weight_ranges)
+    quantized = prepared.finish(act, config, weight_ranges)
+    warn_if_mostly_float(quantized.macs)
+    return quantized
 
 
 def _peek(data: Iterable):

@@ -149,7 +149,7 @@ def _recorded_shapes(gm, em: Emitter, placeholders, dynamic_axes: tuple, skip: s
     infos, seen = [], set(skip) | {n.name for n in placeholders}
     for node in gm.graph.nodes:
         val, name, known = node.meta.get("val"), em.names.get(node), em.meta.get(node)
-        if node.op != "call_function" or not isinstance(val, torch.Tensor) or name is None or name in seen:
+        if node.op != "call_function" or not isinstance(val, torch.Tensor) or not isinstance(name, str) or name in seen:
             continue
         if not isinstance(known, torch.Tensor) or (known.dtype, known.dim()) != (val.dtype, val.dim()):
             continue  # a node that a transform rewrote after capture: leave its shape to inference

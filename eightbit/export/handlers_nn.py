@@ -210,6 +210,12 @@ _UNARY = {
     aten.exp.default: "Exp",
     aten.sqrt.default: "Sqrt",
     aten.neg.default: "Neg",
+    aten.abs.default: "Abs",
+    aten.log.default: "Log",
+    aten.cos.default: "Cos",
+    aten.sin.default: "Sin",
+    aten.erf.default: "Erf",
+    aten.reciprocal.default: "Reciprocal",
 }
 
 
@@ -261,3 +267,43 @@ def _softmax(em: Emitter, node: fx.Node) -> str:
 @handles(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device)
 def _cast(em: Emitter, node: fx.Node) -> str:
     return em.cast_to(node.args[0], em.dtype(node))
+
+
+@handles(aten.rsqrt.default)
+def _rsqrt(em: Emitter, node: fx.Node) -> str:
+    return em.add("Reciprocal", [em.add("Sqrt", [em.value(node.args[0])], "sqrt")], "rsqrt")
+
+
+@handles(aten.pow.Tensor_Scalar)
+def _pow(em: Emitter, node: fx.Node) -> str:
+    x, exponent = node.args[:2]
+    dtype = em.dtype(node)
+    if dtype is None or not dtype.is_floating_point:
+        raise Unsupported("pow of an integer tensor")
+    return em.add("Pow", [em.cast_to(x, dtype), em.constant(exponent, _np_dtype(dtype))], "pow")
+
+
+@handles(aten.minimum.default, aten.min.other, aten.maximum.default, aten.max.other)
+def _min_max(em: Emitter, node: fx.Node) -> str:
+    op = "Min" if node.target in (aten.minimum.default, aten.min.other) else "Max"
+    out = em.dtype(node)
+    return em.add(op, [em.cast_to(v, out) for v in node.args[:2]], op.lower())
+
+
+@handles(aten.group_norm.default)
+def _group_norm(em: Emitter, node: fx.Node) -> str:
+    """GroupNorm as InstanceNormalization over (batch, group) rows, then the per-channel affine (ONNX's
+    GroupNormalization before opset 21 has per-group scales, a different op)."""
+    x, groups = node.args[:2]
+    weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), float(_arg(node, 4, "eps", 1e-5))
+    rank = em.rank(x)
+    rows = em.add("Reshape", [em.value(x), em.ints([0, int(groups), -1])], "groups")
+    ones, zeros = (em.constant(np.full(int(groups), v, dtype=np.float32)) for v in (1.0, 0.0))
+    normed = em.add("InstanceNormalization", [rows, ones, zeros], "groupnorm", epsilon=eps)
+    out = em.add("Reshape", [normed, em.add("Shape", [em.value(x)], "shape")], "ungroup")
+    axes = em.ints(list(range(1, rank - 1)))
+    if weight is not None:
+        out = em.add("Mul", [out, em.add("Unsqueeze", [em.value(weight), axes], "scale")], "scale")
+    if bias is not None:
+        out = em.add("Add", [out, em.add("Unsqueeze", [em.value(bias), axes], "shift")], "shift")
+    return out

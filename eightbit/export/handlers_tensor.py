@@ -10,7 +10,7 @@ import operator
 
 import numpy as np
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from torch import fx
 
 from eightbit.export.emitter import Emitter, Unsupported, _arg, _np_dtype, _onnx_dtype, aten, handles
@@ -263,3 +263,32 @@ def _constant_pad(em: Emitter, node: fx.Node) -> str:
         begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
     fill = em.constant(value, _np_dtype(em.dtype(x)))
     return em.add("Pad", [em.value(x), em.ints(begins + ends), fill], "pad", mode="constant")
+
+
+@handles(aten.split.Tensor, aten.split_with_sizes.default)
+def _split(em: Emitter, node: fx.Node) -> list[str]:
+    """Split into the pieces capture recorded; the ONNX names of all pieces (read by `getitem`)."""
+    x = node.args[0]
+    dim = int(_arg(node, 2, "dim", 0))
+    pieces = node.meta.get("val")
+    if not isinstance(pieces, (list, tuple)) or not all(isinstance(p.shape[dim], int) for p in pieces):
+        raise Unsupported("split into pieces of symbolic size")
+    sizes = em.ints([p.shape[dim] for p in pieces])
+    outs = [em.fresh("split") for _ in pieces]
+    em.nodes.append(helper.make_node("Split", [em.value(x), sizes], outs, name=outs[0], axis=dim))
+    return outs
+
+
+@handles(operator.getitem)
+def _getitem(em: Emitter, node: fx.Node) -> str:
+    pieces = em.names.get(node.args[0])
+    if not isinstance(pieces, list):
+        raise Unsupported("getitem of something other than split pieces")
+    return pieces[node.args[1]]
+
+
+@handles(aten.full_like.default)
+def _full_like(em: Emitter, node: fx.Node) -> str:
+    value = np.array([node.args[1]], dtype=_np_dtype(em.dtype(node)))
+    shape = em.add("Shape", [em.value(node.args[0])], "shape")
+    return em.add("ConstantOfShape", [shape], "full", value=numpy_helper.from_array(value))

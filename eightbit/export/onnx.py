@@ -78,6 +78,7 @@ class ExportReport:
     size_bytes: int
     parity: ParityReport | None
     exporter: str = DIRECT  # which path wrote the file: DIRECT or DYNAMO
+    fallback_reason: str = ""  # why the direct path was not taken (the op without a handler), if it was not
 
 
 def export_onnx(
@@ -97,7 +98,9 @@ def export_onnx(
 
     float16: store weights and compute in float16 (inputs and outputs stay float32)."""
     check_output_path(path, overwrite)  # before the export work
-    model, exporter = to_onnx_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset)
+    model, exporter, reason = _onnx_model(
+        gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset
+    )
     if float16:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -107,7 +110,7 @@ def export_onnx(
         parity = check_parity(gm, tmp, example_args) if check else None
         if parity is not None and not parity.passed:
             raise ParityError(parity, path)
-    return ExportReport(Path(path), Path(path).stat().st_size, parity, exporter)
+    return ExportReport(Path(path), Path(path).stat().st_size, parity, exporter, reason)
 
 
 def to_onnx_model(
@@ -116,13 +119,22 @@ def to_onnx_model(
     """The ONNX ModelProto of a converted graph and the exporter that wrote it; `dynamic_axes` as in
     `eightbit.graph.capture.DynamicAxes`.  Graphs whose every op has a direct handler are emitted directly;
     others go through the dynamo exporter (~10 s more on a ResNet-50)."""
+    model, exporter, _ = _onnx_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset)
+    return model, exporter
+
+
+def _onnx_model(gm, example_args, *, input_names, dynamic_axes: tuple, opset: int) -> tuple[onnx.ModelProto, str, str]:
+    """`to_onnx_model`, plus one line on why the direct path was not taken ('' when it was)."""
     try:
-        return emit_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset), DIRECT
-    except Unsupported:
-        pass
+        direct = emit_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset)
+        return direct, DIRECT, ""
+    except Unsupported as exc:
+        reason = f"the direct ONNX emitter cannot write {exc}"
     except Exception as exc:  # a handler bug must not stop the export: the dynamo path is slower, not worse
-        warnings.warn(f"eightbit: direct ONNX emission failed ({exc!r}); using the dynamo exporter", stacklevel=2)
-    return _dynamo_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset), DYNAMO
+        reason = f"direct ONNX emission failed ({exc!r})"
+    warnings.warn(f"eightbit: {reason}; using the dynamo exporter (slower, same model)", stacklevel=3)
+    model = _dynamo_model(gm, example_args, input_names=input_names, dynamic_axes=dynamic_axes, opset=opset)
+    return model, DYNAMO, reason
 
 
 def _dynamo_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynamic_axes: tuple, opset: int):

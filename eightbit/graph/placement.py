@@ -18,7 +18,7 @@ from torch import fx
 
 from eightbit.config import OpKind, QuantConfig, Target
 from eightbit.graph import ops
-from eightbit.graph.utils import module_path
+from eightbit.graph.utils import FLOAT_REASON, module_path
 
 aten = torch.ops.aten
 
@@ -194,6 +194,10 @@ def _activation_inputs(node: fx.Node, rule: OpRule) -> list[fx.Node]:
     return found
 
 
+def _arg_at(node: fx.Node, pos: int):
+    return node.args[pos] if pos < len(node.args) else None
+
+
 def _fused_chain_end(node: fx.Node) -> fx.Node:
     """Follow single-user ReLU/ReLU6/clamp ops after `node`; the last one is where the output Q/DQ goes."""
     while len(node.users) == 1:
@@ -280,11 +284,13 @@ def _int8_ops(
         rule = rules.get(node.target)
         if rule is None:
             if node.target not in SHARED_PARAMS_OPS and node.target not in FUSED_ACTIVATIONS:
-                placement.float_ops[node.name] = f"no int8 rule for {node.target}"
+                placement.float_ops[node.name] = node.meta.get(FLOAT_REASON) or f"no int8 rule for {node.target}"
             continue
         reason = _keep_float_reason(node, rule, config)
         if reason is None and rule.weight_arg is None and not _activation_inputs(node, rule):
             reason = "no activation input"
+        if reason is None and rule.weight_arg is not None and _is_activation(_arg_at(node, rule.weight_arg)):
+            reason = "its weight is computed at run time (not a constant that can be stored as int8)"
         if reason:
             placement.float_ops[node.name] = reason
             continue

@@ -7,6 +7,9 @@ import operator
 import torch
 from torch import fx
 
+# node.meta key: why a graph pass had to leave this node float; placement reports it instead of "no int8 rule".
+FLOAT_REASON = "eightbit_float_reason"
+
 
 def attr_value(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
     """The tensor behind a `get_attr` node, else None (also for non-constant inputs)."""

@@ -184,3 +184,41 @@ def test_integer_tensor_against_float_scalar_compares_in_float(tmp_path):
 def test_opsets_below_20_go_through_the_dynamo_exporter(tmp_path):
     report = _quantized("residual").export_onnx(tmp_path / "op17.onnx", opset=17)
     assert report.exporter == DYNAMO and report.parity.max_steps < 3
+
+
+class DecoderOps(nn.Module):
+    """The ops of GPT-2, T5, Llama and wav2vec2 that need direct handlers: split + getitem (fused QKV), pow,
+    rsqrt (RMSNorm), cos/sin (rotary), abs/log/min/full_like (T5's position buckets), group norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.norm = nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(8, dim=2)
+        rms = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6)
+        angle = torch.arange(x.shape[1], dtype=torch.float32)[:, None] * 0.1
+        rotated = k * torch.cos(angle) - k * torch.sin(angle)
+        bucket = torch.min(torch.log(v.abs() + 1.0), torch.full_like(v, 0.5))
+        grouped = self.norm(v.transpose(1, 2)).transpose(1, 2)
+        return rms @ rotated.transpose(1, 2) + bucket.sum(-1, keepdim=True) + grouped.mean(-1, keepdim=True)
+
+
+def test_decoder_ops_are_emitted_directly(tmp_path):
+    data = [torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    qm = quantize(DecoderOps().eval(), data, progress=False)
+    report = qm.export_onnx(tmp_path / "decoder_ops.onnx")
+    assert report.exporter == DIRECT and not report.fallback_reason
+    session = ort.InferenceSession(str(tmp_path / "decoder_ops.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 6, 8)
+    with torch.no_grad():
+        want = qm(x).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], want, atol=1e-4)
+
+
+def test_a_fallback_names_the_op_that_caused_it(tmp_path):
+    qm = quantize(FlipNet().eval(), calibration_batches(), progress=False)
+    with pytest.warns(UserWarning, match="direct ONNX emitter cannot write aten.flip"):
+        report = qm.export_onnx(tmp_path / "flip.onnx")
+    assert report.exporter == DYNAMO and "aten.flip" in report.fallback_reason
