@@ -15,8 +15,8 @@ from eightbit.config import (
 from eightbit.export.onnx import ParityError
 from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: torch ops)
 from eightbit.graph.capture import CaptureError
-from eightbit.qat import QATConfig, prepare_qat
 from eightbit.graph.macs import MostlyFloatWarning
+from eightbit.qat import QATConfig, prepare_qat
 
 __all__ = [
     "Calibration",

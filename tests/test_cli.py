@@ -227,6 +227,8 @@ def test_input_shape_that_does_not_match_a_saved_program(npy_folder, tmp_path, c
     args = _quantize(str(tmp_path / "m.pt2"), npy_folder, tmp_path / "p.onnx", "--input-shape", "1,3,32,32")
     assert main(args) == 2
     assert "does not match the shape the program was exported with, 2,3,16,16" in capsys.readouterr().err
+
+
 def test_misspelled_keep_float_exits_with_the_closest_names(tmp_path, capsys):
     calib = tmp_path / "calib"
     calib.mkdir()
