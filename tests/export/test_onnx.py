@@ -128,13 +128,13 @@ def broken_scale(monkeypatch):
     """Exports write a file whose last activation scale is 10x too large."""
     import eightbit.export.onnx as export
 
-    original = export.to_onnx_model
+    original = export._onnx_model
 
     def corrupted(*args, **kwargs):
-        model, exporter = original(*args, **kwargs)
-        return _scale_last_output_dq(model, 10.0), exporter
+        model, exporter, reason = original(*args, **kwargs)
+        return _scale_last_output_dq(model, 10.0), exporter, reason
 
-    monkeypatch.setattr(export, "to_onnx_model", corrupted)
+    monkeypatch.setattr(export, "_onnx_model", corrupted)
 
 
 @pytest.fixture()
@@ -189,7 +189,7 @@ def test_an_unusable_output_path_fails_before_the_export_work(tmp_path, monkeypa
     import eightbit.export.onnx as export
 
     qm = quantize(DepthwiseNet().eval(), calibration_batches(), progress=False)
-    monkeypatch.setattr(export, "to_onnx_model", lambda *a, **k: pytest.fail("the export ran"))
+    monkeypatch.setattr(export, "_onnx_model", lambda *a, **k: pytest.fail("the export ran"))
     (tmp_path / "dir.onnx").mkdir()
     with pytest.raises(IsADirectoryError, match="is a directory"):
         qm.export_onnx(tmp_path / "dir.onnx", overwrite=True)
