@@ -147,12 +147,13 @@ def test_keep_float_modules_carry_no_fake_quantizers():
 
 
 class InputNorm(nn.Module):
-    """A BatchNorm on the model input (preprocessing), then conv-bn-relu."""
+    """A BatchNorm on the model input (preprocessing), then conv-bn-relu.  The conv zero-pads its input, so the
+    input BN cannot be folded forward into it (its shift would be wrong on the border) and stays a BN."""
 
     def __init__(self):
         super().__init__()
         self.pre = nn.BatchNorm2d(3)
-        self.conv = nn.Conv2d(3, 8, 3)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
         with torch.no_grad():
             self.pre.running_mean.fill_(0.5)
