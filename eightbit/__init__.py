@@ -2,10 +2,12 @@
 
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
 from eightbit.config import (
+    Equalize,
     Granularity,
     OpKind,
     QuantConfig,
     QuantSpec,
+    Relu6Handling,
     SmoothQuant,
     int8_weights,
     uint8_activations,
@@ -17,11 +19,13 @@ __all__ = [
     "Calibration",
     "calibrate",
     "CaptureError",
+    "Equalize",
     "Granularity",
     "OpKind",
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",
+    "Relu6Handling",
     "SmoothQuant",
     "int8_weights",
     "quantize",

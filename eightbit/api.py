@@ -7,7 +7,7 @@ import inspect
 import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from eightbit.calibration.encodings import Encoding, activation_encodings
 from eightbit.calibration.methods import lookup_method
 from eightbit.calibration.observers import InputSamples, Observer, Statistic
 from eightbit.calibration.refine import output_aware_ranges
-from eightbit.config import QuantConfig, Scheme, overflow_fix_active
+from eightbit.config import QuantConfig, Relu6Handling, Scheme, overflow_fix_active
 from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
@@ -26,6 +26,7 @@ from eightbit.graph.capture import Captured, _with_batch, capture
 from eightbit.graph.placement import Placement, place
 from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv
 from eightbit.graph.transforms.attention import decompose_attention
+from eightbit.graph.transforms.equalize import equalize_graph, record_channel_max, relu6_layers
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
 from eightbit.runtime import hw
 
@@ -50,6 +51,7 @@ class QuantizedModel(nn.Module):
         input_names: list[str],
         folded_batchnorms: int,
         smooth_alpha: float | None = None,
+        notes: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -63,6 +65,7 @@ class QuantizedModel(nn.Module):
         self.input_names = input_names
         self.folded_batchnorms = folded_batchnorms
         self.smooth_alpha = smooth_alpha
+        self.notes = tuple(notes)  # what accuracy-recovery steps did (equalization, AdaRound), for summary()
         self._example_args = example_args
 
     def forward(self, *args, **kwargs):
@@ -124,6 +127,7 @@ class QuantizedModel(nn.Module):
             f"captured with {self.capture_method.value}" + (f" ({self.capture_note})" if self.capture_note else ""),
             f"BatchNorms folded: {self.folded_batchnorms}; activation tensor groups: {len(self.activation_encodings)}"
             + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
+            *self.notes,
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
             "",
         ]
@@ -264,6 +268,7 @@ class _Prepared:
     input_names: list[str]
     folded: int
     smooth_alpha: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def finish(
         self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None
@@ -282,6 +287,7 @@ class _Prepared:
             input_names=self.input_names,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
+            notes=tuple(self.notes),
         )
 
 
@@ -293,6 +299,7 @@ def _placement_key(config: QuantConfig) -> tuple:
         config.fold_batchnorm,
         config.quantize_outputs,
         config.smooth_quant,
+        config.equalize,
         a.granularity,
         a.channel_axis,
     )
@@ -325,14 +332,17 @@ def calibrate(
     `input_samples` model inputs).  With `cache`, statistics are loaded from that file when it exists (no model
     run) and saved there otherwise."""
     config = config or QuantConfig()
-    if config.smooth_quant is not None and iter(calibration_data) is calibration_data:
+    if (config.smooth_quant is not None or config.equalize is not None) and iter(calibration_data) is calibration_data:
         raise ValueError(
-            "SmoothQuant reads calibration_data twice (channel ranges first, then calibration); pass a list or "
+            "SmoothQuant and equalization read calibration_data twice (channel ranges first, then calibration); "
+            "pass a list or "
             "a DataLoader, not a one-shot iterator or generator"
         )
     if example_inputs is None:
         example_inputs, calibration_data = _peek(calibration_data)
     prepared = _prepare(model, example_inputs, config)
+    if config.equalize is not None:
+        _equalize(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
     if config.smooth_quant is not None:
         _smooth(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
     names = (config.activations.method, config.weights.method, *methods)
@@ -394,6 +404,33 @@ def _concat(parts: list[tuple]) -> tuple:
         torch.cat(items) if isinstance(items[0], torch.Tensor) and items[0].dim() > 0 else items[0]
         for items in zip(*parts, strict=True)
     )
+
+
+def _equalize(prepared: _Prepared, batches, config: QuantConfig) -> None:
+    """Cross-layer equalization of the prepared graph (with `batches`: one pass over the data first, for the
+    ReLU6 bounds) and the placement redone for the rewritten graph."""
+    settings = config.equalize
+    bounded = settings.relu6 is Relu6Handling.BOUNDED and relu6_layers(prepared.gm)
+    if bounded and batches is None:
+        raise ValueError(
+            "equalization with Relu6Handling.BOUNDED needs calibration data (the ReLU6 inputs' maxima); pass "
+            "calibration_data, or use Equalize(relu6=Relu6Handling.SKIP) with saved encodings"
+        )
+    channel_max = {}
+    if bounded:
+        run = lambda gm: run_calibration(gm, batches(), progress=False)  # noqa: E731
+        channel_max = record_channel_max(prepared.gm, relu6_layers(prepared.gm), run)
+    report = equalize_graph(
+        prepared.gm,
+        relu6=settings.relu6,
+        channel_max=channel_max,
+        absorb_high_bias=settings.absorb_high_bias,
+        sigmas=settings.sigmas,
+        max_rounds=settings.max_rounds,
+        tolerance=settings.tolerance,
+    )
+    prepared.placement = place(prepared.gm, config)
+    prepared.notes.append(report.line())
 
 
 def _smooth(prepared: _Prepared, batches, config: QuantConfig) -> None:
@@ -461,6 +498,8 @@ def quantize(
     if config.smooth_quant is not None:
         raise ValueError("saved encodings cannot be reused with smooth_quant (the smoothing needs calibration data)")
     prepared = _prepare(model, example_inputs, config)
+    if config.equalize is not None:
+        _equalize(prepared, None, config)
     insert_observers(prepared.gm, prepared.placement, config.activations)
     source = _read_encodings(encodings)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.

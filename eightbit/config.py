@@ -126,6 +126,49 @@ def uint8_activations(**overrides) -> QuantSpec:
     return QuantSpec(**{**base, **overrides})
 
 
+class Relu6Handling(enum.Enum):
+    """What cross-layer equalization does with a ReLU6 between two layers (see
+    `eightbit.graph.transforms.equalize`): BOUNDED equalizes within the limits that keep the function exact on
+    the calibration data, TO_RELU turns the ReLU6 into a ReLU (AIMET; changes the float model), SKIP leaves the
+    pair alone."""
+
+    BOUNDED = "bounded"
+    TO_RELU = "to_relu"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Equalize:
+    """Cross-layer equalization + high-bias absorption settings (Nagel et al. 2019), applied after BatchNorm
+    folding and before calibration; for per-tensor weights (see `eightbit.graph.transforms.equalize`).
+
+    relu6: what to do with ReLU6 between two layers (Relu6Handling); BOUNDED costs one extra pass over the
+        calibration data (the per-channel maxima it keeps exact).
+    absorb_high_bias: move bias offsets across ReLUs into the next layer, from the folded BatchNorms' statistics.
+    sigmas: the offset moved is max(0, beta - sigmas * |gamma|).
+    max_rounds, tolerance: chains are equalized round after round until no scale changes by more than
+        `tolerance` (relative), at most `max_rounds` times.
+    """
+
+    relu6: Relu6Handling = Relu6Handling.BOUNDED
+    absorb_high_bias: bool = True
+    sigmas: float = 3.0
+    max_rounds: int = 50
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.relu6, Relu6Handling):
+            raise TypeError(f"relu6 takes a Relu6Handling ({[h.value for h in Relu6Handling]}), got {self.relu6!r}")
+        if not isinstance(self.absorb_high_bias, bool):
+            raise TypeError(f"absorb_high_bias must be True or False, got {self.absorb_high_bias!r}")
+        if not self.sigmas >= 0:
+            raise ValueError(f"sigmas must be >= 0, got {self.sigmas}")
+        if not (isinstance(self.max_rounds, int) and self.max_rounds >= 1):
+            raise ValueError(f"max_rounds must be an integer >= 1, got {self.max_rounds!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuant:
     """SmoothQuant settings (see `eightbit.graph.transforms.smooth_quant`).
@@ -162,6 +205,7 @@ class QuantConfig:
         4x smaller files at a negligible error (each looked-up row is dequantized, the lookup stays exact).
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     smooth_quant: migrate activation outliers into linear weights before calibrating (transformers); None: off.
+    equalize: cross-layer equalization + high-bias absorption before calibrating (per-tensor weights); None: off.
     """
 
     weights: QuantSpec = field(default_factory=int8_weights)
@@ -174,6 +218,7 @@ class QuantConfig:
     bias_correction: bool = True
     quantize_embeddings: bool = True
     smooth_quant: SmoothQuant | None = None
+    equalize: Equalize | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, QuantSpec) or not isinstance(self.activations, QuantSpec):
@@ -182,6 +227,8 @@ class QuantConfig:
             raise TypeError(f"overflow_fix must be an OverflowFix, got {self.overflow_fix!r}")
         if self.smooth_quant is not None and not isinstance(self.smooth_quant, SmoothQuant):
             raise TypeError(f"smooth_quant takes a SmoothQuant(alphas=...) or None, got {self.smooth_quant!r}")
+        if self.equalize is not None and not isinstance(self.equalize, Equalize):
+            raise TypeError(f"equalize takes an Equalize(...) or None, got {self.equalize!r}")
         if isinstance(self.keep_float, str) or isinstance(self.keep_float_ops, (str, OpKind)):
             raise TypeError("keep_float and keep_float_ops take tuples, e.g. keep_float=('classifier',)")
         for kind in self.keep_float_ops:
