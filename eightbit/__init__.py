@@ -2,6 +2,7 @@
 
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
 from eightbit.config import (
+    AdaRound,
     Equalize,
     Granularity,
     OpKind,
@@ -16,6 +17,7 @@ from eightbit.graph import ops as _ops  # noqa: F401  (registers the eightbit:: 
 from eightbit.graph.capture import CaptureError
 
 __all__ = [
+    "AdaRound",
     "Calibration",
     "calibrate",
     "CaptureError",

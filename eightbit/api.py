@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from eightbit.calibration import adaround
 from eightbit.calibration.calibrate import OBSERVER_PREFIX, as_model_inputs, insert_observers, run_calibration
 from eightbit.calibration.encodings import Encoding, activation_encodings
 from eightbit.calibration.methods import lookup_method
@@ -173,6 +174,7 @@ class Calibration:
         self._observers = observers
         self.collected = collected
         self.samples = samples
+        self.progress = True  # progress bars for long steps (AdaRound)
 
     @property
     def config(self) -> QuantConfig:
@@ -215,7 +217,33 @@ class Calibration:
                 overflow_fix=overflow_fix_active(config, hw.saturation_risk()),
             )
             act = activation_encodings(observers, prepared.placement, config.activations, act_ranges)
+        if config.adaround is not None:
+            return self._adaround(config, prepared, act)
         return prepared.finish(act, config, weight_ranges)
+
+    def _adaround(self, config: QuantConfig, prepared: _Prepared, act: dict[str, Encoding]) -> QuantizedModel:
+        """Learn the weights' rounding, put the learned weights in the graph and convert with the same ranges
+        (so convert's rounding reproduces the learned codes); the decisions go into the weight encodings."""
+        fix = overflow_fix_active(config, hw.saturation_risk())
+        results = adaround.adaround_layers(
+            prepared.gm,
+            prepared.placement,
+            act,
+            self._sample_batches(),
+            config,
+            overflow_fix=fix,
+            progress=self.progress,
+        )
+        learned = {k: r.weight for k, (r, _) in results.items()}
+        adaround.apply_learned_weights(
+            prepared.gm, prepared.placement, learned, act if config.bias_correction else None
+        )
+        ranges = _saved_weight_ranges({"weights": {k: asdict(enc) for k, (_, enc) in results.items()}})
+        prepared.notes.append(adaround.summary_line(results))
+        qm = prepared.finish(act, config, ranges)
+        for name, (result, _) in results.items():
+            qm.weight_encodings[name].rounding = adaround.rounding_to_text(result.up)
+        return qm
 
     def _sample_batches(self) -> list[tuple]:
         """The kept input samples as batches the captured graph accepts."""
@@ -347,9 +375,12 @@ def calibrate(
         _smooth(prepared, lambda: _calibration_batches(model, calibration_data, prepared), config)
     names = (config.activations.method, config.weights.method, *methods)
     needs = frozenset().union(*(lookup_method(m).needs for m in names))
+    if config.adaround is not None:  # AdaRound learns from kept samples too
+        needs, input_samples = needs | {Statistic.INPUT_SAMPLES}, max(input_samples, config.adaround.samples)
     observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
     samples = InputSamples(input_samples) if Statistic.INPUT_SAMPLES in needs else None
     calibration = Calibration(prepared, observers, needs, samples)
+    calibration.progress = progress
     if cache is not None and Path(cache).exists():
         calibration._load_stats(Path(cache))
         return calibration
@@ -504,7 +535,17 @@ def quantize(
     source = _read_encodings(encodings)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
     weight_ranges = _saved_weight_ranges(source) if lookup_method(config.weights.method).output_aware else None
-    return prepared.finish(_load_activation_encodings(source, prepared.placement), config, weight_ranges)
+    act = _load_activation_encodings(source, prepared.placement)
+    if config.adaround is not None:  # the learned rounding is in the file: no data needed
+        learned = adaround.saved_weights(prepared.gm, prepared.placement, source.get("weights", {}))
+        adaround.apply_learned_weights(
+            prepared.gm, prepared.placement, learned, act if config.bias_correction else None
+        )
+        weight_ranges = {k: v for k, v in _saved_weight_ranges(source).items() if k in learned}
+    qm = prepared.finish(act, config, weight_ranges)
+    for name in learned if config.adaround is not None else ():
+        qm.weight_encodings[name].rounding = source["weights"][name]["rounding"]
+    return qm
 
 
 def _peek(data: Iterable):

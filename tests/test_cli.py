@@ -125,3 +125,18 @@ def test_compare_and_method_options(npy_folder, tmp_path, capsys):
     assert main(pow2) == 0
     assert main(_quantize("tests.helpers:DepthwiseNet", npy_folder, tmp_path / "x.onnx", "--method", "admm")) == 2
     assert "for weights only" in capsys.readouterr().err
+
+
+def test_recovery_flags_and_compare_rows(npy_folder, tmp_path, capsys):
+    net = "tests.helpers:DepthwiseNet"
+    cle = _quantize(net, npy_folder, tmp_path / "cle.onnx", *SHAPE, "--per-tensor-weights", "--equalize", "--verbose")
+    assert main(cle) == 0
+    assert "cross-layer equalization: 3 pairs" in capsys.readouterr().out
+    ada = ["--weight-bits", "4", "--adaround", "--adaround-iterations", "5", "--adaround-samples", "4", "--verbose"]
+    assert main(_quantize(net, npy_folder, tmp_path / "ada.onnx", *SHAPE, *ada)) == 0
+    assert "AdaRound: 4 layers" in capsys.readouterr().out
+    compare = ["compare", net, "--calib", str(npy_folder), "--eval", str(npy_folder), *SHAPE, "--quiet"]
+    steps = ["--methods", "minmax", "--adaround-iterations", "5", "--recovery", "none", "cle", "adaround"]
+    assert main([*compare, *steps]) == 0
+    table = capsys.readouterr().out
+    assert "| recovery |" in table and "| cle | minmax | minmax |" in table and "| adaround | minmax |" in table

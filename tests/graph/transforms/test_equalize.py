@@ -192,3 +192,37 @@ def test_high_bias_absorption_from_folded_batchnorm_statistics():
     first = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default)
     # bias now ~ beta - 3 * 0.5 lower (in equalized units it must not exceed the original offset)
     assert float(getattr(gm, first.args[2].target).max()) < float(model.bn.bias.max())
+
+
+def test_pipeline_equalizes_before_calibration_and_says_so():
+    from eightbit import Equalize, Granularity, QuantConfig, calibrate, int8_weights, quantize
+    from tests.helpers import DepthwiseNet, calibration_batches
+
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    _unbalance(model.stem, model.dw)
+    data = calibration_batches()
+    per_tensor = int8_weights(granularity=Granularity.PER_TENSOR)
+    config = QuantConfig(weights=per_tensor, equalize=Equalize())
+    qm = quantize(model, data, config=config, progress=False)
+    line = next(line for line in qm.summary().splitlines() if line.startswith("cross-layer equalization"))
+    assert "3 pairs" in line
+    x = torch.cat(data)
+    want = model(x).detach()
+    plain = quantize(model, data, config=QuantConfig(weights=per_tensor), progress=False)
+    assert (qm(x) - want).pow(2).mean() < (plain(x) - want).pow(2).mean()
+    with pytest.raises(ValueError, match="other placement options"):
+        calibrate(model, data, config=config, progress=False).quantize(QuantConfig(weights=per_tensor))
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize(model, config=config, encodings=qm.encodings(), example_inputs=x)
+
+
+def test_equalize_config_is_validated():
+    from eightbit import Equalize, QuantConfig
+
+    with pytest.raises(TypeError, match="Relu6Handling"):
+        Equalize(relu6="skip")
+    with pytest.raises(ValueError, match="max_rounds"):
+        Equalize(max_rounds=0)
+    with pytest.raises(TypeError, match="Equalize"):
+        QuantConfig(equalize=True)
