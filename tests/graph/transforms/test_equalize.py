@@ -206,7 +206,7 @@ def test_pipeline_equalizes_before_calibration_and_says_so():
     config = QuantConfig(weights=per_tensor, equalize=Equalize())
     qm = quantize(model, data, config=config, progress=False)
     line = next(line for line in qm.summary().splitlines() if line.startswith("cross-layer equalization"))
-    assert "3 pairs" in line
+    assert "2 pairs" in line
     x = torch.cat(data)
     want = model(x).detach()
     plain = quantize(model, data, config=QuantConfig(weights=per_tensor), progress=False)
