@@ -3,10 +3,13 @@
 from eightbit.api import Calibration, QuantizedModel, calibrate, quantize
 from eightbit.calibration.health import CollapsedRangeWarning
 from eightbit.config import (
+    AdaRound,
+    Equalize,
     Granularity,
     OpKind,
     QuantConfig,
     QuantSpec,
+    Relu6Handling,
     SmoothQuant,
     Target,
     int8_weights,
@@ -19,10 +22,12 @@ from eightbit.graph.macs import MostlyFloatWarning
 from eightbit.qat import QATConfig, prepare_qat
 
 __all__ = [
+    "AdaRound",
     "Calibration",
     "calibrate",
     "CaptureError",
     "CollapsedRangeWarning",
+    "Equalize",
     "Granularity",
     "OpKind",
     "ParityError",
@@ -30,6 +35,7 @@ __all__ = [
     "QuantConfig",
     "QuantSpec",
     "QuantizedModel",
+    "Relu6Handling",
     "SmoothQuant",
     "Target",
     "MostlyFloatWarning",

@@ -6,20 +6,21 @@ import copy
 import itertools
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import fx, nn
 
 from eightbit import saved
+from eightbit.calibration import adaround
 from eightbit.calibration.calibrate import OBSERVER_PREFIX, insert_observers, run_calibration
 from eightbit.calibration.encodings import Encoding, activation_encodings
 from eightbit.calibration.health import warn_collapsed_ranges
 from eightbit.calibration.methods import lookup_method
 from eightbit.calibration.observers import InputSamples, Observer, Statistic
 from eightbit.calibration.refine import output_aware_ranges
-from eightbit.config import QuantConfig, Scheme, overflow_fix_active
+from eightbit.config import QuantConfig, Relu6Handling, Scheme, overflow_fix_active
 from eightbit.convert import convert
 from eightbit.export.onnx import DEFAULT_OPSET, ExportReport, export_onnx
 from eightbit.fileio import atomic_path
@@ -28,6 +29,7 @@ from eightbit.graph.macs import MacReport, count_macs, warn_if_mostly_float
 from eightbit.graph.placement import Placement, check_keep_float, place
 from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normalize_spellings
 from eightbit.graph.transforms.attention import decompose_attention
+from eightbit.graph.transforms.equalize import equalize_graph, record_channel_max, relu6_layers
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
 from eightbit.inputs import InputBinder, InputFn, float32_model, integer_image_error
 from eightbit.runtime import hw
@@ -197,6 +199,7 @@ class Calibration:
         self._observers = observers
         self.collected = collected
         self.samples = samples
+        self.progress = True  # progress bars for long steps (AdaRound)
 
     @property
     def config(self) -> QuantConfig:
@@ -243,7 +246,34 @@ class Calibration:
             )
             act = activation_encodings(observers, prepared.placement, config.activations, {**act_ranges, **fixed})
         notes = warn_collapsed_ranges(observers, act, config.activations)
+        if config.adaround is not None:
+            return self._adaround(config, prepared, act, notes)
         return prepared.finish(act, config, weight_ranges, notes)
+
+    def _adaround(self, config: QuantConfig, prepared: _Prepared, act: dict[str, Encoding], notes) -> QuantizedModel:
+        """Learn the weights' rounding, put the learned weights in the graph and convert with the same ranges
+        (so convert's rounding reproduces the learned codes); the decisions go into the weight encodings."""
+        fix = overflow_fix_active(config, hw.saturation_risk())
+        results = adaround.adaround_layers(
+            prepared.gm,
+            prepared.placement,
+            act,
+            self._sample_batches(),
+            config,
+            overflow_fix=fix,
+            progress=self.progress,
+        )
+        learned = {k: r.weight for k, (r, _) in results.items()}
+        adaround.apply_learned_weights(
+            prepared.gm, prepared.placement, learned, act if config.bias_correction else None
+        )
+        ranges = saved.saved_weight_ranges(
+            {"weights": {k: asdict(enc) for k, (_, enc) in results.items()}}, prepared.placement, prepared.gm
+        )
+        qm = prepared.finish(act, config, ranges, [*notes, adaround.summary_line(results)])
+        for name, (result, _) in results.items():
+            qm.weight_encodings[name].rounding = adaround.rounding_to_text(result.up)
+        return qm
 
     def _sample_batches(self) -> list[tuple]:
         """The kept input samples as batches the captured graph accepts."""
@@ -297,7 +327,7 @@ class _Prepared:
     folded: int
     binder: InputBinder
     fingerprint: str
-    notes: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
     smooth_alpha: float | None = None
 
     def finish(
@@ -335,6 +365,7 @@ def _placement_key(config: QuantConfig) -> tuple:
         config.fold_batchnorm,
         config.quantize_outputs,
         config.smooth_quant,
+        config.equalize,
         a.granularity,
         a.channel_axis,
         config.target,
@@ -364,7 +395,7 @@ def _prepare(
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
-    notes = (note,) if note else ()
+    notes = [note] if note else []
     return _Prepared(gm, captured, place(gm, config), config, args, binder.names, folded, binder, fingerprint, notes)
 
 
@@ -392,22 +423,28 @@ def calibrate(
         of keyword inputs), e.g. `lambda batch: batch[0]` for (inputs, labels) pairs; see `eightbit.inputs`.
         `example_inputs`, when given, are model inputs already."""
     config = config or QuantConfig()
-    if config.smooth_quant is not None and iter(calibration_data) is calibration_data:
+    if (config.smooth_quant is not None or config.equalize is not None) and iter(calibration_data) is calibration_data:
         raise ValueError(
-            "SmoothQuant reads calibration_data twice (channel ranges first, then calibration); pass a list or "
+            "SmoothQuant and equalization read calibration_data twice (channel ranges first, then calibration); "
+            "pass a list or "
             "a DataLoader, not a one-shot iterator or generator"
         )
     from_data = example_inputs is None
     if from_data:
         example_inputs, calibration_data = _peek(calibration_data)
     prepared = _prepare(model, example_inputs, config, input_fn, from_data=from_data)
+    if config.equalize is not None:
+        _equalize(prepared, lambda: _calibration_batches(calibration_data, prepared), config)
     if config.smooth_quant is not None:
         _smooth(prepared, lambda: _calibration_batches(calibration_data, prepared), config)
     names = (config.activations.method, config.weights.method, *methods)
     needs = frozenset().union(*(lookup_method(m).needs for m in names))
+    if config.adaround is not None:  # AdaRound learns from kept samples too
+        needs, input_samples = needs | {Statistic.INPUT_SAMPLES}, max(input_samples, config.adaround.samples)
     observers = insert_observers(prepared.gm, prepared.placement, config.activations, needs)
     samples = InputSamples(input_samples) if Statistic.INPUT_SAMPLES in needs else None
     calibration = Calibration(prepared, observers, needs, samples)
+    calibration.progress = progress
     if cache is not None and Path(cache).exists():
         calibration._load_stats(Path(cache))
         return calibration
@@ -462,6 +499,33 @@ def _concat(parts: list[tuple]) -> tuple:
         torch.cat(items) if isinstance(items[0], torch.Tensor) and items[0].dim() > 0 else items[0]
         for items in zip(*parts, strict=True)
     )
+
+
+def _equalize(prepared: _Prepared, batches, config: QuantConfig) -> None:
+    """Cross-layer equalization of the prepared graph (with `batches`: one pass over the data first, for the
+    ReLU6 bounds) and the placement redone for the rewritten graph."""
+    settings = config.equalize
+    bounded = settings.relu6 is Relu6Handling.BOUNDED and relu6_layers(prepared.gm)
+    if bounded and batches is None:
+        raise ValueError(
+            "equalization with Relu6Handling.BOUNDED needs calibration data (the ReLU6 inputs' maxima); pass "
+            "calibration_data, or use Equalize(relu6=Relu6Handling.SKIP) with saved encodings"
+        )
+    channel_max = {}
+    if bounded:
+        run = lambda gm: run_calibration(gm, batches(), progress=False)  # noqa: E731
+        channel_max = record_channel_max(prepared.gm, relu6_layers(prepared.gm), run)
+    report = equalize_graph(
+        prepared.gm,
+        relu6=settings.relu6,
+        channel_max=channel_max,
+        absorb_high_bias=settings.absorb_high_bias,
+        sigmas=settings.sigmas,
+        max_rounds=settings.max_rounds,
+        tolerance=settings.tolerance,
+    )
+    prepared.placement = place(prepared.gm, config)
+    prepared.notes.append(report.line())
 
 
 def _smooth(prepared: _Prepared, batches, config: QuantConfig) -> None:
@@ -544,13 +608,25 @@ def quantize(
         raise ValueError("saved encodings cannot be reused with smooth_quant (the smoothing needs calibration data)")
     source = saved.read_encodings(encodings)
     prepared = _prepare(model, example_inputs, config)
+    if config.equalize is not None:
+        _equalize(prepared, None, config)
     insert_observers(prepared.gm, prepared.placement, config.activations)
     act = saved.load_activation_encodings(source, prepared.placement, config.activations, prepared.gm)
     saved.warn_if_other_weights(source, prepared.fingerprint)
     # Searched weight scales cannot be recomputed without data: reuse the saved ones.
     output_aware = lookup_method(config.weights.method).output_aware
     weight_ranges = saved.saved_weight_ranges(source, prepared.placement, prepared.gm) if output_aware else None
+    learned = {}
+    if config.adaround is not None:  # the learned rounding is in the file: no data needed
+        learned = adaround.saved_weights(prepared.gm, prepared.placement, source.get("weights", {}))
+        adaround.apply_learned_weights(
+            prepared.gm, prepared.placement, learned, act if config.bias_correction else None
+        )
+        saved_ranges = saved.saved_weight_ranges(source, prepared.placement, prepared.gm)
+        weight_ranges = {k: v for k, v in saved_ranges.items() if k in learned}
     quantized = prepared.finish(act, config, weight_ranges)
+    for name in learned:
+        quantized.weight_encodings[name].rounding = source["weights"][name]["rounding"]
     warn_if_mostly_float(quantized.macs)
     return quantized
 

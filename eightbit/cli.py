@@ -69,9 +69,23 @@ def _config(args):
     from eightbit import Granularity, QuantConfig, int8_weights, uint8_activations
 
     granularity = Granularity.PER_TENSOR if args.per_tensor_weights else Granularity.PER_CHANNEL
-    weights = int8_weights(granularity=granularity, method=args.weight_method, power_of_two=args.pow2)
+    weights = int8_weights(
+        bits=args.weight_bits, granularity=granularity, method=args.weight_method, power_of_two=args.pow2
+    )
     activations = uint8_activations(method=args.method, percentile=args.percentile, power_of_two=args.pow2)
-    return QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float))
+    return QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float), **_recovery(args))
+
+
+def _recovery(args) -> dict:
+    """QuantConfig's equalize/adaround from the recovery flags."""
+    from eightbit import AdaRound, Equalize, Relu6Handling
+
+    found = {}
+    if args.equalize:
+        found["equalize"] = Equalize(relu6=Relu6Handling(args.equalize_relu6))
+    if args.adaround:
+        found["adaround"] = AdaRound(iterations=args.adaround_iterations, samples=args.adaround_samples)
+    return found
 
 
 def _batches(args, folder, program_shape):
@@ -171,15 +185,22 @@ def _cmd_compare(args) -> int:
         from eightbit.api import calibrate
 
         calibrate(model, calibration, example, config=config, progress=False)  # fails early on a bad program
-    seconds, results = compare_methods(
-        model,
-        calibration,
-        evaluation,
-        methods=args.methods,
-        weight_methods=args.weight_methods,
-        config=config,
-        progress=not args.quiet,
-    )
+    common = dict(methods=args.methods, weight_methods=args.weight_methods, config=config, progress=not args.quiet)
+    if args.recovery:
+        from dataclasses import replace
+
+        from eightbit import AdaRound, Equalize, Relu6Handling
+        from eightbit.analysis.compare import compare_recovery
+
+        common["config"] = replace(
+            config,
+            equalize=Equalize(relu6=Relu6Handling(args.equalize_relu6)),
+            adaround=AdaRound(iterations=args.adaround_iterations, samples=args.adaround_samples),
+        )
+        passes, results = compare_recovery(model, calibration, evaluation, steps=args.recovery, **common)
+        print(format_results(results, ", ".join(f"{k} {v:.1f} s" for k, v in passes.items())))
+        return 0
+    seconds, results = compare_methods(model, calibration, evaluation, **common)
     print(format_results(results, seconds))
     return 0
 
@@ -211,6 +232,12 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percentile", type=float, default=99.99)
     p.add_argument("--pow2", action="store_true", help="power-of-two scales (shift-only NPUs)")
     p.add_argument("--per-tensor-weights", action="store_true")
+    p.add_argument("--weight-bits", type=int, default=8, help="weight bit width (2-8; e.g. 4 with --adaround)")
+    p.add_argument("--equalize", action="store_true", help="cross-layer equalization + bias absorption (per-tensor)")
+    p.add_argument("--equalize-relu6", choices=["bounded", "to_relu", "skip"], default="bounded")
+    p.add_argument("--adaround", action="store_true", help="learn the weights' rounding (AdaRound; low-bit weights)")
+    p.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
+    p.add_argument("--adaround-samples", type=int, default=64, help="calibration samples AdaRound learns from")
     p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument(
@@ -250,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation methods to compare (eq and cross_entropy search on sample inputs: slower)",
     )
     c.add_argument("--weight-methods", nargs="+", default=["minmax"], help="weight methods (eq: EasyQuant scales)")
+    c.add_argument(
+        "--recovery",
+        nargs="+",
+        default=None,
+        metavar="STEP",
+        help="also compare accuracy-recovery steps: none, cle, adaround, cle+adaround (one calibration pass each)",
+    )
     c.set_defaults(func=_cmd_compare)
     b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
     b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")

@@ -140,6 +140,79 @@ def uint8_activations(**overrides) -> QuantSpec:
     return QuantSpec(**{**base, **overrides})
 
 
+class Relu6Handling(enum.Enum):
+    """What cross-layer equalization does with a ReLU6 between two layers (see
+    `eightbit.graph.transforms.equalize`): BOUNDED equalizes within the limits that keep the function exact on
+    the calibration data, TO_RELU turns the ReLU6 into a ReLU (AIMET; changes the float model), SKIP leaves the
+    pair alone."""
+
+    BOUNDED = "bounded"
+    TO_RELU = "to_relu"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Equalize:
+    """Cross-layer equalization + high-bias absorption settings (Nagel et al. 2019), applied after BatchNorm
+    folding and before calibration; for per-tensor weights (see `eightbit.graph.transforms.equalize`).
+
+    relu6: what to do with ReLU6 between two layers (Relu6Handling); BOUNDED costs one extra pass over the
+        calibration data (the per-channel maxima it keeps exact).
+    absorb_high_bias: move bias offsets across ReLUs into the next layer, from the folded BatchNorms' statistics.
+    sigmas: the offset moved is max(0, beta - sigmas * |gamma|).
+    max_rounds, tolerance: chains are equalized round after round until no scale changes by more than
+        `tolerance` (relative), at most `max_rounds` times.
+    """
+
+    relu6: Relu6Handling = Relu6Handling.BOUNDED
+    absorb_high_bias: bool = True
+    sigmas: float = 3.0
+    max_rounds: int = 50
+    tolerance: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.relu6, Relu6Handling):
+            raise TypeError(f"relu6 takes a Relu6Handling ({[h.value for h in Relu6Handling]}), got {self.relu6!r}")
+        if not isinstance(self.absorb_high_bias, bool):
+            raise TypeError(f"absorb_high_bias must be True or False, got {self.absorb_high_bias!r}")
+        if not self.sigmas >= 0:
+            raise ValueError(f"sigmas must be >= 0, got {self.sigmas}")
+        if not (isinstance(self.max_rounds, int) and self.max_rounds >= 1):
+            raise ValueError(f"max_rounds must be an integer >= 1, got {self.max_rounds!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaRound:
+    """AdaRound settings (Nagel et al. 2020; see `eightbit.calibration.adaround`): learned up/down rounding of
+    every conv/linear weight, layer by layer, on the first `samples` calibration inputs.
+
+    iterations: Adam steps per layer, each on `batch_size` random samples (the paper uses 10000 x 32; the
+        default finishes EfficientNet-Lite0 in a few minutes on 2 cores).
+    reg_weight: weight of the rounding regulariser; warm_up: share of the steps without it; lr: Adam's rate.
+    """
+
+    iterations: int = 200
+    samples: int = 64
+    batch_size: int = 8
+    reg_weight: float = 0.01
+    warm_up: float = 0.2
+    lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "samples", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"AdaRound {name} must be an integer >= 1, got {value!r}")
+        if not self.reg_weight >= 0:
+            raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
+        if not 0 <= self.warm_up < 1:
+            raise ValueError(f"warm_up must be in [0, 1), got {self.warm_up}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuant:
     """SmoothQuant settings (see `eightbit.graph.transforms.smooth_quant`).
@@ -177,6 +250,9 @@ class QuantConfig:
     overflow_fix: 7-bit weight codes against int16 saturation on x86 CPUs without VNNI (see OverflowFix).
     smooth_quant: migrate activation outliers into linear weights before calibrating (transformers); None: off.
     target: the runtime whose int8 kernel constraints placement applies (see Target).
+    equalize: cross-layer equalization + high-bias absorption before calibrating (per-tensor weights); None: off.
+    adaround: learn each conv/linear weight's rounding on calibration samples (low-bit weights); None: off.
+        With bias_correction, the mean output shift of the learned rounding is corrected as for round-to-nearest.
     """
 
     weights: QuantSpec = field(default_factory=int8_weights)
@@ -190,6 +266,8 @@ class QuantConfig:
     quantize_embeddings: bool = True
     smooth_quant: SmoothQuant | None = None
     target: Target = Target.ONNX
+    equalize: Equalize | None = None
+    adaround: AdaRound | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
@@ -200,6 +278,10 @@ class QuantConfig:
             raise TypeError(f"overflow_fix must be an OverflowFix, got {self.overflow_fix!r}")
         if self.smooth_quant is not None and not isinstance(self.smooth_quant, SmoothQuant):
             raise TypeError(f"smooth_quant takes a SmoothQuant(alphas=...) or None, got {self.smooth_quant!r}")
+        if self.equalize is not None and not isinstance(self.equalize, Equalize):
+            raise TypeError(f"equalize takes an Equalize(...) or None, got {self.equalize!r}")
+        if self.adaround is not None:
+            self._check_adaround()
         if isinstance(self.keep_float, str) or isinstance(self.keep_float_ops, (str, OpKind)):
             raise TypeError("keep_float and keep_float_ops take tuples, e.g. keep_float=('classifier',)")
         for kind in self.keep_float_ops:
@@ -226,6 +308,14 @@ class QuantConfig:
             raise ValueError(f"method {self.activations.method!r} supports per-tensor activations only")
         if act_method.output_aware or weight_method.output_aware:
             self._check_output_aware()
+
+    def _check_adaround(self) -> None:
+        if not isinstance(self.adaround, AdaRound):
+            raise TypeError(f"adaround takes an AdaRound(...) or None, got {self.adaround!r}")
+        if self.weights.scheme is not Scheme.UNIFORM or self.weights.power_of_two:
+            raise ValueError("AdaRound learns integer codes on a fixed grid: use uniform weights without power_of_two")
+        if lookup_method(self.weights.method).output_aware:
+            raise ValueError("AdaRound cannot be combined with eq (searched) weight scales; use minmax or mse weights")
 
     def _check_output_aware(self) -> None:
         # The searches pick scales directly: power-of-two rounding or a non-integer format afterwards would

@@ -238,3 +238,18 @@ def test_misspelled_keep_float_exits_with_the_closest_names(tmp_path, capsys):
     code = main([*argv, "--keep-float", "stme", "--input-shape", "1,3,16,16", "--quiet"])
     assert code == 2
     assert "did you mean" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_recovery_flags_and_compare_rows(npy_folder, tmp_path, capsys):
+    net = "tests.helpers:DepthwiseNet"
+    cle = _quantize(net, npy_folder, tmp_path / "cle.onnx", *SHAPE, "--per-tensor-weights", "--equalize", "--verbose")
+    assert main(cle) == 0
+    assert "cross-layer equalization: 2 pairs" in capsys.readouterr().out
+    ada = ["--weight-bits", "4", "--adaround", "--adaround-iterations", "5", "--adaround-samples", "4", "--verbose"]
+    assert main(_quantize(net, npy_folder, tmp_path / "ada.onnx", *SHAPE, *ada)) == 0
+    assert "AdaRound: 4 layers" in capsys.readouterr().out
+    compare = ["compare", net, "--calib", str(npy_folder), "--eval", str(npy_folder), *SHAPE, "--quiet"]
+    steps = ["--methods", "minmax", "--adaround-iterations", "5", "--recovery", "none", "cle", "adaround"]
+    assert main([*compare, *steps]) == 0
+    table = capsys.readouterr().out
+    assert "| recovery |" in table and "| cle | minmax | minmax |" in table and "| adaround | minmax |" in table

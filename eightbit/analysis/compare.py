@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from eightbit.api import calibrate
-from eightbit.config import QuantConfig
+from eightbit.config import AdaRound, Equalize, QuantConfig
 
 DEFAULT_METHODS = ("minmax", "ema", "percentile", "mse", "kl")
 
@@ -25,6 +25,7 @@ class MethodResult:
     top1_agreement: float  # share of rows whose arg-max matches the float model
     mean_kl: float  # KL(softmax(float) || softmax(int8)), mean over rows
     mean_cosine: float
+    recovery: str = "none"  # the accuracy-recovery step applied (RECOVERY_STEPS)
 
 
 def output_metrics(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float, float]:
@@ -92,18 +93,62 @@ def compare_methods(
     return pass_seconds, results
 
 
-def format_results(results: Sequence[MethodResult], pass_seconds: float) -> str:
-    """A markdown table, best top-1 agreement (then lowest KL) first."""
+def format_results(results: Sequence[MethodResult], pass_seconds: float | str) -> str:
+    """A markdown table, best top-1 agreement (then lowest KL) first; a recovery column when steps were compared."""
     rows = sorted(results, key=lambda r: (-r.top1_agreement, r.mean_kl))
+    steps = any(r.recovery != "none" for r in rows)
+    passes = pass_seconds if isinstance(pass_seconds, str) else f"{pass_seconds:.1f} s (shared by all methods)"
     lines = [
-        f"one calibration pass: {pass_seconds:.1f} s (shared by all methods)",
+        f"one calibration pass: {passes}",
         "",
-        "| activations | weights | top-1 agreement | softmax KL | cosine | convert s |",
-        "|---|---|---|---|---|---|",
+        "| " + ("recovery | " if steps else "") + "activations | weights | top-1 agreement | softmax KL | cosine | "
+        "convert s |",
+        "|---|---|---|---|---|---|" + ("---|" if steps else ""),
     ]
     lines += [
-        f"| {r.activation_method} | {r.weight_method} | {r.top1_agreement:.3f} | {r.mean_kl:.4f} | "
+        "| "
+        + (f"{r.recovery} | " if steps else "")
+        + f"{r.activation_method} | {r.weight_method} | {r.top1_agreement:.3f} | {r.mean_kl:.4f} | "
         f"{r.mean_cosine:.4f} | {r.convert_seconds:.1f} |"
         for r in rows
     ]
     return "\n".join(lines)
+
+
+# Accuracy-recovery steps `compare_recovery` can apply: (equalize, adaround).  Each uses the config's own
+# Equalize / AdaRound settings where it has them, the defaults otherwise.
+RECOVERY_STEPS = {
+    "none": (False, False),
+    "cle": (True, False),
+    "adaround": (False, True),
+    "cle+adaround": (True, True),
+}
+
+
+def compare_recovery(
+    model: nn.Module,
+    calibration_data: Iterable,
+    eval_inputs: torch.Tensor,
+    *,
+    steps: Sequence[str] = ("none", "cle"),
+    config: QuantConfig | None = None,
+    **kwargs,
+) -> tuple[dict[str, float], list[MethodResult]]:
+    """`compare_methods` once per recovery step (each needs its own calibration pass: equalization rewrites the
+    graph first; AdaRound runs in each row's convert).  Returns (pass seconds per step, every row tagged with its
+    step).  calibration_data must be re-iterable."""
+    unknown = [s for s in steps if s not in RECOVERY_STEPS]
+    if unknown:
+        raise ValueError(f"unknown recovery steps {unknown}; choose from {sorted(RECOVERY_STEPS)}")
+    config = config or QuantConfig()
+    seconds, rows = {}, []
+    for step in steps:
+        equalize, adaround = RECOVERY_STEPS[step]
+        variant = replace(
+            config,
+            equalize=(config.equalize or Equalize()) if equalize else None,
+            adaround=(config.adaround or AdaRound()) if adaround else None,
+        )
+        seconds[step], results = compare_methods(model, calibration_data, eval_inputs, config=variant, **kwargs)
+        rows += [replace(r, recovery=step) for r in results]
+    return seconds, rows

@@ -28,6 +28,7 @@ class Encoding:
     tensors: list[str] = field(default_factory=list)
     mean: list[float] | None = None  # per-channel mean seen in calibration (bias correction)
     scheme: str = "uniform"  # a Scheme value; log2/fp16 are simulated, not integer codes
+    rounding: str | None = None  # AdaRound's learned up/down decisions, one bit per weight (calibration.adaround)
 
     def tensors_(self) -> tuple[torch.Tensor, torch.Tensor]:
         per = self.axis is not None

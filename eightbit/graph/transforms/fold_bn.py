@@ -11,6 +11,9 @@ aten = torch.ops.aten
 
 _BATCHNORM = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 _FOLDABLE = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.linear.default}
+# node.meta key: (mean, std) per output channel of a layer whose BatchNorm was folded, i.e. BN's (beta, |gamma|);
+# cross-layer equalization's high-bias absorption reads it.
+BN_STATS_KEY = "eightbit_bn_output"
 
 
 def fold_bn(
@@ -73,6 +76,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         args[1] = add_constant(gm, producer, f"{producer.name}_folded_weight", w)
         args[2] = add_constant(gm, producer, f"{producer.name}_folded_bias", b)
         producer.args = tuple(args)
+        producer.meta[BN_STATS_KEY] = _output_stats(params[0], params[1], w.shape[0])
         replacement = producer
         if bn.target is aten._native_batch_norm_legit_no_training.default:
             _replace_getitem_users(bn, producer)
@@ -84,6 +88,13 @@ def fold_batchnorm(gm: fx.GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return folded + fold_batchnorm_forward(gm)
+
+
+def _output_stats(gamma, beta, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a BatchNorm's output per channel: (beta, |gamma|)."""
+    mean = torch.zeros(channels) if beta is None else beta.detach().float().clone()
+    std = torch.ones(channels) if gamma is None else gamma.detach().float().abs()
+    return mean, std
 
 
 def _is_foldable(gm: fx.GraphModule, producer) -> bool:
