@@ -80,3 +80,12 @@ def test_discrete_or_spiky_data_is_not_reported(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapsedRangeWarning)
         quantize(_Masked().eval(), data, progress=False)
+
+
+def test_a_constant_crushed_to_zero_by_an_outlier_is_reported():
+    # Fuzz seed 21: a constant input channel (0.25) plus one 1e4 outlier.  The range [0, 1e4] rounds the constant
+    # to code 0, so the model sees zeros: exact values are harmless only if the range can represent them.
+    data = [torch.full((64, 16), 0.25) for _ in range(4)]
+    data[1][0, 0] = 1e4
+    with pytest.warns(CollapsedRangeWarning, match=r"tensor 'x'"):
+        quantize(_Masked().eval(), data, progress=False)
