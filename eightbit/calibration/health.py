@@ -14,8 +14,9 @@ import torch
 
 from eightbit.calibration.observers import HistogramStats, Observer, Statistic
 
-# "Nearly all values in a handful of codes": at least this share of the values in at most this many codes ...
-COLLAPSE_SHARE = 0.99
+# "Nearly all values in a handful of codes": at least this share of the values in at most this many codes (not
+# 99%: a pooled head holds one value per sample and channel, so one outlier sample of 16 is 6% of its values) ...
+COLLAPSE_SHARE = 0.9
 COLLAPSE_CODES = 4
 # ... while at least this share of them are not a few exact values that the range represents (a 0/1 mask, exact
 # zeros, a constant: those sit in few codes and lose nothing).  Measured as the mass in those codes beyond the
