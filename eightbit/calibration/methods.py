@@ -166,6 +166,8 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
 # KL calibration estimates the data's distribution over the quantization levels: with fewer values than this per
 # level (a pooled head: one value per sample and channel) there is no distribution to compare.
 KL_MIN_VALUES_PER_LEVEL = 2
+# ... and the clip never leaves more than this share of the values outside the range.
+KL_MAX_CLIPPED = 0.01
 
 
 def kl_range(stats: dict, spec) -> Range:
@@ -176,8 +178,8 @@ def kl_range(stats: dict, spec) -> Range:
     the full range is kept.  With far outliers (tails, see `HistogramStats`) the search spans the dense part
     only and the outliers are folded into its last bin.  The threshold never drops below the smallest
     magnitude seen (a clip below every value scores a perfect KL of 0 and saturates everything), data with fewer
-    than KL_MIN_VALUES_PER_LEVEL values per level keeps its full range (nothing to estimate), and the range
-    always contains 0."""
+    than KL_MIN_VALUES_PER_LEVEL values per level keeps its full range (nothing to estimate), the clip leaves at
+    most KL_MAX_CLIPPED of the values outside, and the range always contains 0."""
     hist: HistogramStats = stats[Statistic.HISTOGRAM]
     mm: MinMaxStats = stats[Statistic.MINMAX]
     lo, hi = float(mm.lo), float(mm.hi)
@@ -210,7 +212,12 @@ def kl_range(stats: dict, spec) -> Range:
     # Every 4th candidate (neighbouring thresholds differ by well under 1% of the range), sparser at high bit
     # widths so that the [candidates, levels] work stays below ~2 M entries.
     stride = max(4, math.ceil((bins - levels) * levels / (1 << 21)))
-    threshold = max(kl_threshold(folded, min(levels, bins), stride=stride) * top / bins, floor)
+    chosen = kl_threshold(folded, min(levels, bins), stride=stride)
+    # KL judges bins by their share of P, not by how far a clip moves them: a tensor that is a few discrete values
+    # (a saturated hardtanh, a constant input) had a quarter of its values clipped.  A clip is for outliers.
+    cdf = torch.cumsum(folded, 0)
+    keep = int(torch.searchsorted(cdf, (1 - KL_MAX_CLIPPED) * cdf[-1:])[0]) + 1
+    threshold = max(max(chosen, keep) * top / bins, floor)
     return _with_zero(max(lo, -threshold), min(hi, threshold))
 
 

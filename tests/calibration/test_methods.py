@@ -352,3 +352,15 @@ def test_kl_keeps_the_full_range_of_a_tensor_too_small_to_estimate_a_distributio
     spec = uint8_activations(method="kl")
     lo, hi = kl_range(_observe(spec, x).stats, spec)
     assert float(lo) == min(float(x.min()), 0.0) and float(hi) == float(x.max())
+
+
+def test_kl_never_clips_more_than_outliers():
+    # Fuzz seeds 6, 135, 149: a hardtanh output, mostly small values and 25% saturated at 1.0, feeding an amax head.
+    # KL folded the saturated values into its last bin and clipped at 0.1, moving a quarter of the tensor (exactly
+    # what the max head reads) to 0.1.  A clip is for outliers: it keeps at least KL_MAX_CLIPPED of the values.
+    # A constant input channel makes the values few and discrete: 25% zeros, 25% at 1.0, the rest in 20 values.
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.zeros(1024), torch.ones(1024), torch.randint(-5, 15, (2048,), generator=g) * 0.01])
+    spec = uint8_activations(method="kl")
+    lo, hi = kl_range(_observe(spec, x).stats, spec)
+    assert float(hi) >= 0.99
