@@ -6,6 +6,8 @@ where each op pair becomes QuantizeLinear/DequantizeLinear and each weight an in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import fx
 
@@ -93,7 +95,9 @@ def convert(
         given = weight_ranges.get(node.name)
         enc = given if isinstance(given, Encoding) else weight_encoding(w, spec, given)
         enc.tensors = [node.name]
-        _fit_bias_in_int32(enc, _bias_and_input_scale(gm, node, rule, dq_of_call))
+        found = _bias_and_input_scale(gm, node, rule, dq_of_call)
+        _fit_bias_in_int32(enc, found)
+        _fit_zero_channels_to_bias(enc, found, w)
         scale, zp = enc.tensors_()
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, -1 if enc.axis is None else enc.axis)
         args = list(node.args)
@@ -229,6 +233,35 @@ def _fit_bias_in_int32(enc: Encoding, found: tuple[torch.Tensor, float] | None) 
         return
     needed = (bias.double().abs() / (in_scale * _BIAS_CODE_LIMIT)).tolist()
     enc.scale = [max(s, float(torch.tensor(n, dtype=torch.float32))) for s, n in zip(enc.scale, needed, strict=True)]
+
+
+# An all-zero weight channel whose bias gets fewer than _ZERO_CHANNEL_MIN_CODES codes at its placeholder scale
+# gets a scale at which it has _ZERO_CHANNEL_BIAS_CODES (exact to ~1e-6 of itself).
+_ZERO_CHANNEL_MIN_CODES = 2**10
+_ZERO_CHANNEL_BIAS_CODES = 2**20
+
+
+def _fit_zero_channels_to_bias(enc: Encoding, found: tuple[torch.Tensor, float] | None, w: torch.Tensor) -> None:
+    """Give each all-zero weight channel whose bias the placeholder scale leaves coarse (fewer than
+    _ZERO_CHANNEL_MIN_CODES codes) the scale at which its bias has _ZERO_CHANNEL_BIAS_CODES codes.
+
+    Any scale quantizes zero weights exactly, so the placeholder they get (borrowed from the other channels, or
+    1.0 when all are zero) only sets the bias step input_scale * weight_scale; with an all-zero input too (scale
+    1.0), a bias of 0.44 rounded to code 0 and the layer silently lost its constant output."""
+    if found is None or enc.axis is None:
+        return
+    bias, in_scale = found
+    rows = w.detach().transpose(0, enc.axis).reshape(w.shape[enc.axis], -1)
+    if not (in_scale > 0 and math.isfinite(in_scale)) or not bias.numel() == len(enc.scale) == rows.shape[0]:
+        return
+    zero = (rows == 0).all(dim=1).tolist()
+    size = bias.double().abs().tolist()
+    enc.scale = [
+        float(torch.tensor(b / (in_scale * _ZERO_CHANNEL_BIAS_CODES), dtype=torch.float32))
+        if z and 0 < b < in_scale * s * _ZERO_CHANNEL_MIN_CODES
+        else s
+        for s, z, b in zip(enc.scale, zero, size, strict=True)
+    ]
 
 
 def _quantize_bias(gm, node, rule, args, dq_of_call, w_scale, shift=None, notes=None) -> None:

@@ -125,3 +125,17 @@ def test_a_nearly_dead_channel_gets_a_coarser_weight_scale_not_a_float_bias(tmp_
     biases = [b for n, b in qm.graph_module.named_buffers() if n.endswith("_bias_q")]
     assert len(biases) == 2 and all(b.abs().max() < 2**31 - 1 for b in biases)
     assert qm.export_onnx(tmp_path / "dead.onnx").parity.max_steps <= 2
+
+
+def test_bias_of_an_all_zero_layer_on_an_all_zero_input_survives():
+    # Fuzz seed 38: a layer whose weights are all zero (a folded BN with gamma 0, a zeroed channel) reads a tensor
+    # that is all zeros.  Both scales were placeholders (1.0), so the bias scale was 1.0 and the bias 0.44 became
+    # code 0: the layer's output, and the model's, silently lost its constant.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Flatten()).eval()
+    model[0].weight.data.zero_()
+    model[0].bias.data = torch.tensor([0.44, -0.3])
+    data = [torch.zeros(4, 2, 5, 5) for _ in range(2)]
+    qm = quantize(model, data, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(qm(data[0]), model(data[0]), atol=0.01)

@@ -163,6 +163,13 @@ def kl_threshold(counts: torch.Tensor, levels: int, stride: int = 1) -> int:
     return int(cand[int(torch.nonzero(kl <= best + 1e-12 * max(1.0, abs(best)))[0])])
 
 
+# KL calibration estimates the data's distribution over the quantization levels: with fewer values than this per
+# level (a pooled head: one value per sample and channel) there is no distribution to compare.
+KL_MIN_VALUES_PER_LEVEL = 2
+# ... and the clip never leaves more than this share of the values outside the range.
+KL_MAX_CLIPPED = 0.01
+
+
 def kl_range(stats: dict, spec) -> Range:
     """Entropy (KL) calibration.  Non-negative data (after ReLU) is searched on [0, max] with as many levels
     as the type has codes; signed data on a histogram of |x| with half as many (TensorRT's symmetric scheme).
@@ -170,8 +177,9 @@ def kl_range(stats: dict, spec) -> Range:
     `histogram_bins`; fewer after range growth); with no more bins than levels there is nothing to choose and
     the full range is kept.  With far outliers (tails, see `HistogramStats`) the search spans the dense part
     only and the outliers are folded into its last bin.  The threshold never drops below the smallest
-    magnitude seen (a clip below every value scores a perfect KL of 0 and saturates everything), and the
-    range always contains 0."""
+    magnitude seen (a clip below every value scores a perfect KL of 0 and saturates everything), data with fewer
+    than KL_MIN_VALUES_PER_LEVEL values per level keeps its full range (nothing to estimate), the clip leaves at
+    most KL_MAX_CLIPPED of the values outside, and the range always contains 0."""
     hist: HistogramStats = stats[Statistic.HISTOGRAM]
     mm: MinMaxStats = stats[Statistic.MINMAX]
     lo, hi = float(mm.lo), float(mm.hi)
@@ -196,10 +204,20 @@ def kl_range(stats: dict, spec) -> Range:
         # The exact zeros of a ReLU are a spike in bin 0 that any clip represents exactly; left in, they
         # dominate P and make the search accept clipping most of the real signal (ReLU6 nets).
         folded[0] = 0
+    if float(counts.sum()) < KL_MIN_VALUES_PER_LEVEL * levels:
+        # Too few values to estimate a distribution over the levels (a pooled or max head holds one value per
+        # sample and channel): groups hold at most one nonzero bin, Q equals P for most thresholds and only the
+        # folded tail scores, so the search clips real values for nothing.  Keep the full range.
+        return _with_zero(lo, hi)
     # Every 4th candidate (neighbouring thresholds differ by well under 1% of the range), sparser at high bit
     # widths so that the [candidates, levels] work stays below ~2 M entries.
     stride = max(4, math.ceil((bins - levels) * levels / (1 << 21)))
-    threshold = max(kl_threshold(folded, min(levels, bins), stride=stride) * top / bins, floor)
+    chosen = kl_threshold(folded, min(levels, bins), stride=stride)
+    # KL judges bins by their share of P, not by how far a clip moves them: a tensor that is a few discrete values
+    # (a saturated hardtanh, a constant input) had a quarter of its values clipped.  A clip is for outliers.
+    cdf = torch.cumsum(folded, 0)
+    keep = int(torch.searchsorted(cdf, (1 - KL_MAX_CLIPPED) * cdf[-1:])[0]) + 1
+    threshold = max(max(chosen, keep) * top / bins, floor)
     return _with_zero(max(lo, -threshold), min(hi, threshold))
 
 

@@ -80,3 +80,25 @@ def test_discrete_or_spiky_data_is_not_reported(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapsedRangeWarning)
         quantize(_Masked().eval(), data, progress=False)
+
+
+def test_a_constant_crushed_to_zero_by_an_outlier_is_reported():
+    # Fuzz seed 21: a constant input channel (0.25) plus one 1e4 outlier.  The range [0, 1e4] rounds the constant
+    # to code 0, so the model sees zeros: exact values are harmless only if the range can represent them.
+    data = [torch.full((64, 16), 0.25) for _ in range(4)]
+    data[1][0, 0] = 1e4
+    with pytest.warns(CollapsedRangeWarning, match=r"tensor 'x'"):
+        quantize(_Masked().eval(), data, progress=False)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_one_outlier_sample_in_a_small_tensor_is_reported(method):
+    # Fuzz seeds 5 and 56: a pooled head holds one value per sample and channel, so one outlier sample of 16 is
+    # 6% of its values, not the <1% a collapse needed; every method (rightly) keeps those values and the other 94%
+    # fall in a few codes.
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 16, generator=g) for _ in range(4)]
+    data[1][0] = torch.linspace(100.0, 1e3, 16)  # spread over the range, as an outlier sample's features are
+    config = QuantConfig(activations=uint8_activations(method=method))
+    with pytest.warns(CollapsedRangeWarning, match=r"tensor 'x'"):
+        quantize(_Masked().eval(), data, config=config, progress=False)
