@@ -23,27 +23,15 @@ import inspect
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
+
+from eightbit.calibration.calibrate import as_model_inputs
 
 InputFn = Callable[[object], object]
 LABEL_FIX = "input_fn=lambda batch: batch[0]"
 _HALF = (torch.float16, torch.bfloat16)
 _CAST = (torch.float16, torch.bfloat16, torch.float64)
-
-
-def split_batch(batch) -> tuple[tuple, dict]:
-    """A model input as (args, kwargs): a tensor/array, a tuple/list of them, or a dict of keyword inputs."""
-    if isinstance(batch, dict):
-        return (), {k: _to_tensor(v) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return tuple(_to_tensor(v) for v in batch), {}
-    return (_to_tensor(batch),), {}
-
-
-def _to_tensor(value):
-    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def float32_model(model: nn.Module) -> tuple[nn.Module, str, torch.dtype | None]:
@@ -87,7 +75,7 @@ class InputBinder:
 
     def example(self, example_inputs) -> tuple:
         """Explicit example inputs (model inputs, not a calibration batch: `input_fn` does not apply)."""
-        args, kwargs = split_batch(example_inputs)
+        args, kwargs = as_model_inputs(example_inputs)
         return self._bind(args, kwargs, "example_inputs", trusted=True)
 
     def batch(self, batch, index: int) -> tuple:
@@ -95,7 +83,7 @@ class InputBinder:
         trusted = self._input_fn is not None
         if trusted:
             batch = self._input_fn(batch)
-        args, kwargs = split_batch(batch)
+        args, kwargs = as_model_inputs(batch)
         trusted = trusted or bool(kwargs)
         where = f"calibration batch {index}"
         bound = self._bind(args, kwargs, where, trusted=trusted)
