@@ -67,7 +67,8 @@ def _fill_zero_scales(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, fallback, scale)
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+def broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """`param` (a scalar or one value per channel) shaped to broadcast against `x` along `axis`."""
     if param.dim() == 0 or axis is None:
         return param
     shape = [1] * x.dim()
@@ -84,15 +85,15 @@ def quantize(
     axis: int | None = None,
 ) -> torch.Tensor:
     """Integer codes clamp(round(x / scale) + zero_point, qmin, qmax), as int32 (the caller picks storage)."""
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
+    s = broadcast(scale, x, axis)
+    z = broadcast(zero_point, x, axis)
     return torch.clamp(torch.round(x / s) + z, qmin, qmax).to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     """Real values (q - zero_point) * scale."""
-    s = _broadcast(scale, q, axis)
-    z = _broadcast(zero_point, q, axis)
+    s = broadcast(scale, q, axis)
+    z = broadcast(zero_point, q, axis)
     return (q.to(torch.float32) - z.to(torch.float32)) * s
 
 

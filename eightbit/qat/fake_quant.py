@@ -31,14 +31,6 @@ def lsq_grad_factor(values_per_scale: int, qmax: int) -> float:
     return 1.0 / math.sqrt(max(values_per_scale, 1) * max(qmax, 1))
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    if param.dim() == 0 or axis is None:
-        return param
-    shape = [1] * x.dim()
-    shape[axis] = -1
-    return param.reshape(shape)
-
-
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None = None
 ) -> torch.Tensor:
@@ -48,8 +40,8 @@ def fake_quantize(
     z and the paper's gradients (STE): d/dx is 1 inside the clipping range and 0 outside; d/dscale is
     round(x/s) - x/s inside and qmin - z (-Qn) or qmax - z (Qp) outside; d/dzero_point is 0 inside and -scale
     outside.  `zero_point` must hold integer values (round it with `round_ste` first when it is learned)."""
-    s = _broadcast(scale, x, axis)
-    z = _broadcast(zero_point, x, axis)
+    s = qmath.broadcast(scale, x, axis)
+    z = qmath.broadcast(zero_point, x, axis)
     return round_ste(torch.clamp(x / s, qmin - z, qmax - z)) * s
 
 
@@ -59,7 +51,7 @@ class _LsqFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis, factor: float):
-        s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+        s, z = qmath.broadcast(scale, x, axis), qmath.broadcast(zero_point, x, axis)
         lo, hi = qmin - z, qmax - z
         ctx.save_for_backward(x, scale, zero_point)
         ctx.config = (qmin, qmax, axis, factor)
@@ -69,7 +61,7 @@ class _LsqFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax, axis, factor = ctx.config
-        s, z = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
+        s, z = qmath.broadcast(scale, x, axis), qmath.broadcast(zero_point, x, axis)
         lo, hi = qmin - z, qmax - z
         v = x / s
         inside = (v >= lo) & (v <= hi)
