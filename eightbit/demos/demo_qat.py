@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eightbit import QATConfig, QuantConfig, int8_weights, prepare_qat, quantize, uint8_activations
+from eightbit.analysis.figures import pyplot, save_png
 from eightbit.fileio import atomic_path
 from eightbit.runtime.backends import Backend, RuntimeOptions, load
 
@@ -124,11 +125,7 @@ def runtime_accuracy(path: Path, backend: Backend, x, y, batch: int = 1000) -> f
 
 def plot_curve(points: list[tuple[float, float, float]], path: Path, fp32: float, ptq: float) -> None:
     """QAT training loss and batch accuracy against epochs, with the fp32 and PTQ test accuracies as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     epochs, losses, accs = (np.array(v) for v in zip(*points, strict=True))
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(epochs, losses)
@@ -138,10 +135,7 @@ def plot_curve(points: list[tuple[float, float, float]], path: Path, fp32: float
     b.axhline(ptq, color="r", linestyle="--", label=f"PTQ test {ptq:.2f}%")
     b.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(max(0, min(ptq, 100 * accs.min()) - 5), 100))
     b.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
