@@ -29,7 +29,7 @@ from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normal
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.equalize import equalize_graph, record_channel_max, relu6_layers
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
-from eightbit.inputs import InputBinder, InputFn, float32_model, integer_image_error
+from eightbit.inputs import InputBinder, InputFn, check_inputs_used, float32_model, integer_image_error
 from eightbit.model import QuantizedModel
 from eightbit.runtime import hw
 
@@ -204,6 +204,7 @@ class _Prepared:
             captured=self.captured,
             example_args=example,
             input_names=self.input_names,
+            call_plan=self.binder.plan,
             folded_batchnorms=self.folded,
             smooth_alpha=self.smooth_alpha,
             notes=[*self.notes, *notes],
@@ -237,7 +238,7 @@ def _prepare(
     binder = InputBinder(model, input_fn, model_dtype=half)
     args = binder.batch(example_inputs, 0) if from_data else binder.example(example_inputs)
     try:
-        captured = capture(model, args)
+        captured = capture(binder.plan.module(model), args, names=binder.names)
     except Exception as exc:
         error = integer_image_error(args, binder.names)
         if error is not None:
@@ -245,12 +246,13 @@ def _prepare(
         raise
     binder.expect(args, captured.dynamic_axes)
     gm = captured.graph_module
+    check_inputs_used(gm, binder.plan)
     check_keep_float(gm, config.keep_float, (name for name, _ in model.named_modules()))
     normalize_spellings(gm)  # one spelling per quantizable op (string padding, addmm, in-place ops...)
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
-    notes = [note] if note else []
+    notes = [*([note] if note else []), *binder.plan.notes]
     return _Prepared(gm, captured, place(gm, config), config, args, binder.names, folded, binder, fingerprint, notes)
 
 

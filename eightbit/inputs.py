@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import keyword
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -57,7 +59,8 @@ def _describe(value) -> str:
 
 
 class InputBinder:
-    """Binds calibration batches (and example inputs) to `model.forward`; see the module docstring."""
+    """Binds calibration batches (and example inputs) to `model.forward`; see the module docstring.  `plan` (the
+    `CallPlan` of the first batch bound) says which arguments are graph inputs and which are constants."""
 
     def __init__(self, model: nn.Module, input_fn: InputFn | None = None, *, model_dtype: torch.dtype | None = None):
         """model_dtype: the float dtype of the user's model when `model` is its float32 copy (inputs in that
@@ -71,6 +74,7 @@ class InputBinder:
         self._reference: tuple | None = None
         self._dynamic: tuple = ()
         self._warned: set[torch.dtype] = {model_dtype} if model_dtype is not None else set()
+        self.plan: CallPlan | None = None
         self.names: list[str] | None = None
 
     def example(self, example_inputs) -> tuple:
@@ -79,7 +83,8 @@ class InputBinder:
         return self._bind(args, kwargs, "example_inputs", trusted=True)
 
     def batch(self, batch, index: int) -> tuple:
-        """Calibration batch number `index` (counted from 0, as the user's data yields them) as positional inputs."""
+        """Calibration batch number `index` (counted from 0, as the user's data yields them) as the graph's
+        tensor inputs."""
         trusted = self._input_fn is not None
         if trusted:
             batch = self._input_fn(batch)
@@ -98,10 +103,6 @@ class InputBinder:
 
     def _bind(self, args: tuple, kwargs: dict, where: str, *, trusted: bool) -> tuple:
         args, kwargs = self._cast(args), dict(zip(kwargs, self._cast(tuple(kwargs.values())), strict=True))
-        params = self._signature.parameters
-        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
-            self.names = self.names or [f"input_{i}" for i in range(len(args))]
-            return args
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -113,13 +114,13 @@ class InputBinder:
             ) from None
         if not trusted:
             self._refuse_labels(args, bound, where)
-        bound.apply_defaults()
-        names, values = list(bound.arguments), tuple(bound.arguments.values())
-        while values and values[-1] is None:  # trailing optional inputs left unset
-            values, names = values[:-1], names[:-1]
-        if self.names is None:
-            self.names = [n for n, v in zip(names, values, strict=True) if isinstance(v, torch.Tensor)]
-        return values
+        arguments = bind_arguments(self._signature, bound, where)
+        if self.plan is None:
+            planned = _without_cache(self._signature, arguments)
+            self.plan = CallPlan(self._signature, planned)
+            self.plan.notes = [CACHE_NOTE] if len(planned) > len(arguments) else []
+            self.names = list(self.plan.names)
+        return self.plan.inputs(arguments, where)
 
     def _refuse_labels(self, args: tuple, bound: inspect.BoundArguments, where: str) -> None:
         """A 1-D integer tensor of batch length bound to an optional parameter is almost surely a label."""
@@ -206,3 +207,206 @@ def integer_image_error(args: tuple, names: list[str] | None) -> TypeError | Non
                 "input_fn=lambda batch: batch.float() if the model expects 0..255"
             )
     return None
+
+
+# --- forward()'s call as captured: tensor arguments are graph inputs, everything else a constant -----------------
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One argument of a forward() call: its name (the parameter, the `**kwargs` key, or `input_<i>` for an item
+    of `*args`), its value, and whether it is passed positionally."""
+
+    name: str
+    value: object
+    positional: bool
+    extra: bool = False  # went to forward()'s **kwargs (no parameter of that name)
+
+
+def bind_arguments(signature: inspect.Signature, bound: inspect.BoundArguments, where: str) -> list[Argument]:
+    """The arguments of `bound` in forward()'s order, without defaults (forward() fills those in itself).
+    Parameters are passed positionally up to the first one left out, by keyword after it."""
+    out: list[Argument] = []
+    positional = True
+    for name, param in signature.parameters.items():
+        if name not in bound.arguments:
+            positional = positional and param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD)
+            continue
+        value = bound.arguments[name]
+        if param.kind is param.VAR_POSITIONAL:
+            out += [Argument(f"input_{len(out)}", v, True) for v in value]
+        elif param.kind is param.VAR_KEYWORD:
+            out += [Argument(str(k), v, False, extra=True) for k, v in value.items()]
+        else:
+            keyword_only = param.kind is param.KEYWORD_ONLY
+            out.append(Argument(name, value, positional and not keyword_only))
+    for a in out:
+        if not isinstance(a.value, torch.Tensor) and _holds_tensors(a.value):
+            raise TypeError(
+                f"{where}: input {a.name!r} is a {type(a.value).__name__} holding tensors; eightbit binds tensors "
+                "and constants (bools, numbers, None, configs) only: pass each tensor as its own input"
+                + (" (for a KV cache: quantize with use_cache=False and no past_key_values)" if "past" in a.name else "")
+            )
+    return out
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.Tensor) or _holds_tensors(v) for v in value.values())
+    is_cache = any(c.__name__.endswith("Cache") for c in type(value).__mro__)  # transformers' Cache objects
+    return is_cache or any(isinstance(v, torch.Tensor) for v in getattr(value, "__dict__", {}).values())
+
+
+CACHE_NOTE = (
+    "use_cache=False: the model was captured without its KV cache (past_key_values); the int8 model computes "
+    "every position of its input on each call"
+)
+
+
+def _without_cache(signature: inspect.Signature, arguments: list[Argument]) -> list[Argument]:
+    """A decoder's KV cache cannot be captured (a Cache object is neither a tensor nor a constant): when forward()
+    has a `use_cache` parameter that the inputs leave unset, capture with use_cache=False; use_cache=True is
+    refused with the way out."""
+    given = {a.name: a.value for a in arguments}
+    if "use_cache" not in signature.parameters:
+        return arguments
+    if given.get("use_cache"):
+        raise ValueError(
+            "use_cache=True makes forward() build and return a KV cache (past_key_values), which a captured graph "
+            "can neither return nor take back; leave use_cache out of the inputs (eightbit then captures with "
+            "use_cache=False) or pass use_cache=False"
+        )
+    if "use_cache" in given:
+        return arguments
+    return [*arguments, Argument("use_cache", False, False)]
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # objects whose == is not a bool
+        return False
+
+
+class CallPlan:
+    """How the captured graph's positional tensor inputs become a call of the user's forward(): the tensors in
+    graph order (`names`), and the non-tensor arguments fixed as constants of the capture (`constants`)."""
+
+    def __init__(self, signature: inspect.Signature, arguments: list[Argument]):
+        self.signature = signature
+        self._layout = [(a.name, a.positional, isinstance(a.value, torch.Tensor)) for a in arguments]
+        self.names = tuple(a.name for a in arguments if isinstance(a.value, torch.Tensor))
+        self.constants = {a.name: a.value for a in arguments if not isinstance(a.value, torch.Tensor)}
+        self.extras = frozenset(a.name for a in arguments if a.extra)  # inputs that went to **kwargs
+        self.notes: list[str] = []  # what the user should know about the capture (set by the binder)
+        if not self.names:
+            raise TypeError(
+                f"forward{signature} got no tensor inputs (only {sorted(self.constants) or 'nothing'}); pass the "
+                "model's input tensors (a tensor, a tuple of positional inputs or a dict of keyword inputs)"
+            )
+
+    def call(self, forward: Callable, tensors: tuple):
+        """forward() called with `tensors` (graph order) and the constants, each as it was passed at capture."""
+        values = iter(tensors)
+        args, kwargs = [], {}
+        for name, positional, is_tensor in self._layout:
+            value = next(values) if is_tensor else self.constants[name]
+            if positional:
+                args.append(value)
+            else:
+                kwargs[name] = value
+        return forward(*args, **kwargs)
+
+    def graph_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph inputs of a call of the quantized model with forward()'s own arguments."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"this model takes forward{self.signature} (tensor inputs {list(self.names)}): {exc}") from None
+        return self.inputs(bind_arguments(self.signature, bound, "this call"), "this call")
+
+    def inputs(self, arguments: list[Argument], where: str) -> tuple:
+        """The graph inputs of another call of the same forward(): every captured tensor input, by name; a
+        constant may be left out or repeated, never changed."""
+        given = {a.name: a.value for a in arguments}
+        missing = [n for n in self.names if not isinstance(given.get(n), torch.Tensor)]
+        if missing:
+            got = {n: _describe(given[n]) for n in missing if n in given}
+            raise TypeError(
+                f"{where} lacks the input{'s' if len(missing) > 1 else ''} {missing}"
+                + (f" (got {got})" if got else "")
+                + f"; the model was captured with the tensor inputs {list(self.names)}"
+            )
+        for name, value in given.items():
+            if name not in self.names:
+                self._check_constant(name, value, where)
+        return tuple(given[n] for n in self.names)
+
+    def _check_constant(self, name: str, value, where: str) -> None:
+        param = self.signature.parameters.get(name)
+        default = param.default if param is not None and param.default is not param.empty else inspect.Parameter.empty
+        if isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{where} gives the tensor input {name!r}, which the model was not captured with (it was "
+                f"{_describe(self.constants[name]) if name in self.constants else 'not given'}), so the int8 graph "
+                f"has no input for it; its inputs are {list(self.names)}. Pass {name!r} in the calibration batches "
+                "to quantize with it"
+            )
+        fixed = self.constants.get(name, default)
+        if name not in self.constants and default is inspect.Parameter.empty:
+            raise TypeError(
+                f"{where} gives {name!r}, which forward() received neither at capture nor as a default; the model's "
+                f"inputs are {list(self.names)}"
+            )
+        if not _same(value, fixed):
+            how = "was fixed at capture" if name in self.constants else "was left at its default at capture"
+            raise ValueError(
+                f"{where} passes {name}={value!r}, but {name!r} is not a tensor, so it {how} as {fixed!r} and is "
+                "part of the int8 graph; leave it out, or quantize again with the value you need"
+            )
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """A view of `model` (same submodules, parameters and names; `model` itself is not changed) whose
+        forward() takes the tensor inputs positionally, in graph order, and calls `model.forward` as planned."""
+        params = _identifiers(self.names)
+        plan, cls = self, type(model)
+        source = f"def forward(self, {', '.join(params)}):\n    return _call(self, ({', '.join(params)},))\n"
+        scope = {"_call": lambda self, tensors: plan.call(super(bound, self).forward, tensors)}
+        exec(source, scope)  # a real signature: export names the graph's inputs after it
+        bound = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+        bound.__qualname__ = cls.__qualname__
+        view = object.__new__(bound)
+        view.__dict__.update(model.__dict__)
+        return view
+
+
+def _identifiers(names) -> list[str]:
+    """Python parameter names for `names` (a **kwargs key may be any string)."""
+    out = []
+    for i, name in enumerate(names):
+        ok = name.isidentifier() and not keyword.iskeyword(name) and name not in ("self", "_call") and name not in out
+        out.append(name if ok else f"input_{i}")
+    return out
+
+
+def check_inputs_used(gm, plan: CallPlan) -> None:
+    """Inputs that went to forward()'s **kwargs and that the captured graph never reads were most likely
+    misspelled or meant for another model: refused, by name."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    unused = [name for name, node in zip(plan.names, placeholders, strict=False) if not _readers(node)]
+    unused = [n for n in unused if n in plan.extras]
+    if unused:
+        params = [n for n, p in plan.signature.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        raise ValueError(
+            f"the inputs {unused} went to forward()'s **kwargs and the model does not use them (forward() names "
+            f"{params}); remove them from the batches (or fix their names)"
+        )
+
+
+def _readers(node) -> list:
+    """The nodes that read `node`, apart from torch.export's input guards."""
+    return [u for u in node.users if not (u.op == "call_module" and str(u.target).startswith("_guards"))]

@@ -15,6 +15,7 @@ from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured
 from eightbit.graph.macs import MacReport
 from eightbit.graph.placement import Placement
+from eightbit.inputs import CallPlan
 from eightbit.saved import ENCODINGS_VERSION
 
 
@@ -39,6 +40,7 @@ class QuantizedModel(nn.Module):
         notes: list[str] | None = None,
         weights_fingerprint: str | None = None,
         macs: MacReport | None = None,
+        call_plan: CallPlan | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = graph_module
@@ -56,9 +58,16 @@ class QuantizedModel(nn.Module):
         self.weights_fingerprint = weights_fingerprint  # of the float model: saved encodings are checked with it
         self.macs = macs or MacReport()  # multiply-accumulates per conv/linear/matmul, int8 or float (and why)
         self._example_args = example_args
+        self.call_plan = call_plan  # forward()'s signature and the constants fixed at capture
 
     def forward(self, *args, **kwargs):
-        if kwargs:  # the graph takes forward()'s inputs positionally, in the captured order
+        """Takes the inputs the float model's forward() takes (positional, by keyword, through its **kwargs);
+        arguments that were not tensors at capture are constants of the graph: they may be left out, never
+        changed.  Returns what the float model returned (a tensor, a tuple, a dict or a `ModelOutput`), with
+        the fields that were None or not tensors left out."""
+        if self.call_plan is not None:
+            args = self.call_plan.graph_inputs(args, kwargs)
+        elif kwargs:  # the graph takes forward()'s inputs positionally, in the captured order
             rest = self.input_names[len(args) :]
             if set(kwargs) != set(rest):
                 raise TypeError(

@@ -85,15 +85,16 @@ def _with_batch(args: tuple, size: int) -> tuple:
     return tuple(grow(a) for a in args)
 
 
-def capture(model: nn.Module, example_args: tuple) -> Captured:
-    """Capture `model` (never modified) as an ATen FX graph, called with positional `example_args`.
+def capture(model: nn.Module, example_args: tuple, *, names: list[str] | None = None) -> Captured:
+    """Capture `model` (never modified) as an ATen FX graph, called with positional `example_args` (`names`:
+    what the user calls them, for messages).
 
     Tries a dynamic batch and sequence axis (see `default_dynamic_axes`), then a dynamic batch only, then
     static shapes, then make_fx."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model).eval()
-    _check_runs(model, tuple(example_args))
+    _check_runs(model, tuple(example_args), names)
     errors = []
     # A batch of 1 would be specialised by export, so the dynamic attempts use a batch of 2; the static
     # fallback keeps the example's own batch size (a saved program may only accept that one).
@@ -114,20 +115,24 @@ def capture(model: nn.Module, example_args: tuple) -> Captured:
     return _capture_make_fx(model, tuple(example_args), errors[-1])
 
 
-def _check_runs(model: nn.Module, args: tuple) -> None:
+def _check_runs(model: nn.Module, args: tuple, names: list[str] | None = None) -> None:
     """Run the model once in float: an input it cannot take is the input's fault, not the tracer's."""
     try:
         with torch.no_grad():
             model(*args)
     except Exception as exc:
+        names = list(names or [])[: len(args)] + [f"input {i}" for i in range(len(names or []), len(args))]
         shapes = ", ".join(
-            f"{list(a.shape)} {str(a.dtype).replace('torch.', '')}" if isinstance(a, torch.Tensor) else type(a).__name__
-            for a in args
+            f"{name}: {list(a.shape)} {str(a.dtype).replace('torch.', '')}"
+            if isinstance(a, torch.Tensor)
+            else f"{name}: {type(a).__name__}"
+            for name, a in zip(names, args, strict=True)
         )
         raise CaptureError(
-            f"the model fails on the example inputs ({len(args)} positional: {shapes}) before any capture: "
-            f"{_first_line(exc)}. Check the number, shape and dtype of the inputs each calibration batch gives "
-            "forward(); if your batches carry labels too, select the inputs."
+            f"the model fails on the example inputs ({shapes}) before any capture: "
+            f"{_first_line(exc)}. This is a problem of the input form, not of tracing: check the names, number, "
+            "shape and dtype of the inputs each calibration batch gives forward() (a dict binds by name; "
+            "keys forward() does not name go to its **kwargs); if your batches carry labels too, select the inputs."
         ) from exc
 
 

@@ -68,6 +68,9 @@ class QATModel(nn.Module):
         self.steps = state["steps"]
 
     def forward(self, *args, **kwargs):
+        plan = self._prepared.binder.plan
+        if plan is not None:
+            args, kwargs = plan.graph_inputs(args, kwargs), {}
         if kwargs:
             rest = self.input_names[len(args) :]
             if set(kwargs) != set(rest):
@@ -250,7 +253,7 @@ def _install_layers(gm, prepared: _Prepared, ptq: QuantizedModel, config: QuantC
 def _batchnorm_sources(model: nn.Module, prepared: _Prepared) -> dict[str, tuple]:
     """Layer node name -> (unfolded weight, bias, BatchNormState) for every layer whose PTQ fold is reproduced
     exactly by folding that BatchNorm into the float model's own weights."""
-    float_gm = capture(model, prepared.args).graph_module
+    float_gm = capture(prepared.binder.plan.module(model), prepared.args).graph_module
     found = {}
     for bn in float_gm.graph.nodes:
         if bn.op != "call_function" or bn.target not in _BATCHNORM:
