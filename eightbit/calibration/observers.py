@@ -446,6 +446,8 @@ class Observer(nn.Module):
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # e.g. a decoder's empty KV cache: nothing to observe (aminmax would raise)
+            return x
         minmax: MinMaxStats = self.stats[Statistic.MINMAX]
         lo, hi = minmax.update(x)
         # NaN and Inf propagate into the running min/max, so checking those two numbers checks every value.

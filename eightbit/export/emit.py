@@ -18,7 +18,7 @@ from torch import fx
 from eightbit.export import handlers_nn, handlers_tensor  # noqa: F401  (they fill HANDLERS)
 from eightbit.export.emitter import HANDLERS, Emitter, Unsupported, _onnx_dtype, aten
 from eightbit.graph import ops
-from eightbit.graph.utils import attr_value
+from eightbit.graph.utils import attr_value, output_names
 
 __all__ = ["HANDLERS", "Unsupported", "emit_model"]
 
@@ -124,8 +124,7 @@ def emit_model(
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     leaves = [a for a in torch.utils._pytree.tree_leaves(out_node.args[0]) if isinstance(a, fx.Node)]
     outputs = []
-    for i, leaf in enumerate(leaves):
-        name = "output" if len(leaves) == 1 else f"output_{i}"
+    for leaf, name in zip(leaves, output_names(gm), strict=True):
         em.nodes.append(helper.make_node("Identity", [em.names[leaf]], [name], name=name))
         outputs.append(_value_info(name, meta[leaf], None))
     value_info = _recorded_shapes(gm, em, placeholders, dynamic_axes, {v.name for v in outputs})

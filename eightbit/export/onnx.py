@@ -24,6 +24,7 @@ from torch import fx
 from eightbit.export.emit import Unsupported, emit_model
 from eightbit.fileio import atomic_path, check_output_path
 from eightbit.graph import ops
+from eightbit.graph.utils import output_names
 
 DEFAULT_OPSET = 20
 DIRECT = "eightbit"  # eightbit.export.emit: one handler per ATen op, no re-capture
@@ -153,15 +154,16 @@ def _dynamo_model(gm: fx.GraphModule, example_args: tuple, *, input_names, dynam
             verbose=False,
         )
     model = onnx_program.model_proto
-    _rename_io(model, input_names, dynamic_axes)
+    _rename_io(model, input_names, dynamic_axes, output_names(gm) if isinstance(gm, fx.GraphModule) else None)
     for node in model.graph.node:  # exporter stack traces: ~5% of the file, useless at run time
         del node.metadata_props[:]
     model.producer_name = "eightbit"
     return model
 
 
-def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_axes: tuple) -> None:
-    """Name inputs after forward()'s parameters, outputs output/output_i, and dynamic dims batch/sequence."""
+def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_axes: tuple, names=None) -> None:
+    """Name inputs after forward()'s parameters, outputs after the model's output keys (`names`, when there is
+    one per ONNX output) or output/output_i, and dynamic dims batch/sequence."""
     renames, dim_names = {}, {}
     for value, axes in zip(model.graph.input, dynamic_axes, strict=False):
         for axis, name in (axes or {}).items():
@@ -171,8 +173,9 @@ def _rename_io(model: onnx.ModelProto, input_names: list[str], dynamic_axes: tup
     for value, name in zip(model.graph.input, input_names, strict=False):
         renames[value.name] = name
     outputs = model.graph.output
+    names = names if names is not None and len(names) == len(outputs) else None
     for i, value in enumerate(outputs):
-        renames[value.name] = "output" if len(outputs) == 1 else f"output_{i}"
+        renames[value.name] = names[i] if names else "output" if len(outputs) == 1 else f"output_{i}"
     for value in [*model.graph.input, *model.graph.output]:
         value.name = renames.get(value.name, value.name)
         for dim in value.type.tensor_type.shape.dim:

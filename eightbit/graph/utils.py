@@ -44,3 +44,39 @@ def _clean_path(path: str) -> str:
     for junk in ("L['self'].", "L['self']", "L__self__"):
         path = path.replace(junk, "")
     return path.replace("[", ".").replace("]", "").lstrip(".")
+
+
+def output_names(gm: fx.GraphModule) -> list[str]:
+    """A name per tensor leaf of the graph's output: the keys of a dict or `ModelOutput` the model returned
+    (`last_hidden_state`, `logits`), else `output` (one leaf) or `output_<i>`."""
+    (flat,) = next(n for n in gm.graph.nodes if n.op == "output").args
+    leaves = torch.utils._pytree.tree_leaves(flat)
+    tensors = [i for i, leaf in enumerate(leaves) if isinstance(leaf, fx.Node)]  # constants are no outputs
+    default = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
+    paths = _leaf_paths(spec, ()) if spec is not None else None
+    if not paths or len(paths) != len(leaves):
+        return default
+    names = [".".join(paths[i]) if paths[i] and all(isinstance(k, str) for k in paths[i]) else None for i in tensors]
+    return names if None not in names and len(set(names)) == len(names) else default
+
+
+def _leaf_paths(spec, prefix: tuple) -> list[tuple] | None:
+    """The key path of every leaf of a pytree spec: strings for dict keys and named fields, ints for positions."""
+    if spec.is_leaf():
+        return [prefix]
+    children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
+    context = spec.context
+    if isinstance(context, (list, tuple)) and len(context) == len(children) and all(isinstance(k, str) for k in context):
+        keys = list(context)  # dict / ModelOutput keys
+    elif isinstance(context, type) and hasattr(context, "_fields"):
+        keys = list(context._fields)  # namedtuple
+    else:
+        keys = list(range(len(children)))
+    out = []
+    for key, child in zip(keys, children, strict=True):
+        paths = _leaf_paths(child, (*prefix, key))
+        if paths is None:
+            return None
+        out += paths
+    return out

@@ -124,3 +124,16 @@ def test_histogram_growth_matches_padding_and_summing():
     padded[pad : pad + 64] = old
     want = padded.reshape(64, factor).sum(1) + torch.histc(b.double(), 64, h.lo, h.hi)
     assert float((h.counts - want).abs().sum()) <= 2  # values on a bin edge may land in the neighbour
+
+
+@pytest.mark.parametrize("method", ["minmax", "ema", "percentile", "mse"])
+def test_an_empty_tensor_is_skipped_by_every_statistic(method):
+    """A decoder's empty KV cache (sequence length 0) reaches an observer: aminmax over it used to crash."""
+    needs = lookup_method(method).needs
+    observer = Observer(uint8_activations(method=method), None, "cache", needs)
+    assert observer(torch.empty(2, 4, 0, 8)).shape == (2, 4, 0, 8)
+    assert not observer.observed()
+    observer(torch.tensor([[-1.0, 3.0]]))
+    observer(torch.empty(0, 2))
+    minmax = observer.stats[Statistic.MINMAX]
+    assert (float(minmax.lo), float(minmax.hi)) == (-1.0, 3.0) and observer.batches == 1
