@@ -93,6 +93,17 @@ def _slice(em: Emitter, node: fx.Node) -> str:
     return em.add("Slice", [em.value(x), *bounds, em.ints([dim]), em.ints([step])], "slice")
 
 
+@handles(aten.select.int)
+def _select(em: Emitter, node: fx.Node) -> str:
+    """x.select(dim, i) (x[:, 0], a CLS token): Gather of one index (negative counts from the end), then the
+    axis is dropped."""
+    x, dim, index = node.args[:3]
+    if not isinstance(index, int):
+        raise Unsupported("select at a computed index")
+    row = em.add("Gather", [em.value(x), em.ints([index])], "select", axis=int(dim))
+    return em.add("Squeeze", [row, em.ints([dim])], "select")
+
+
 @handles(aten.expand.default)
 def _expand(em: Emitter, node: fx.Node) -> str:
     # torch's -1 keeps a dim; ONNX Expand broadcasts both ways, so a 1 does the same.

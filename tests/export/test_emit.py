@@ -222,3 +222,30 @@ def test_a_fallback_names_the_op_that_caused_it(tmp_path):
     with pytest.warns(UserWarning, match="direct ONNX emitter cannot write aten.flip"):
         report = qm.export_onnx(tmp_path / "flip.onnx")
     assert report.exporter == DYNAMO and "aten.flip" in report.fallback_reason
+
+
+class PooledTokens(nn.Module):
+    """A CLS / last-token pool (`x[:, 0]`, `x[:, -1]`: aten.select), as CLIP's and GPT-2's heads read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"first": h[:, 0], "last": h[:, -1, 2:]}
+
+
+def test_select_is_emitted_directly_and_outputs_keep_their_names(tmp_path):
+    data = [torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    qm = quantize(PooledTokens().eval(), data, progress=False)
+    report = qm.export_onnx(tmp_path / "select.onnx")
+    assert report.exporter == DIRECT and not report.fallback_reason
+    session = ort.InferenceSession(str(tmp_path / "select.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["first", "last"]
+    x = torch.randn(3, 6, 8)
+    with torch.no_grad():
+        want = qm(x)
+    got = session.run(None, {"x": x.numpy()})
+    for name, value in zip(["first", "last"], got, strict=True):
+        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4)
