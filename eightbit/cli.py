@@ -56,13 +56,34 @@ def _load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...] | None]:
     if ":" not in spec:
         raise ValueError(f"model must be 'package.module:factory' or a .pt2 file, got {spec!r}")
     module_name, factory = spec.split(":", 1)
-    module = importlib.import_module(module_name)
+    module = _import_from_cwd(module_name)
     if not hasattr(module, factory):
         raise ValueError(f"{module_name} has no attribute {factory!r}")
     model = getattr(module, factory)()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model.eval(), None
+
+
+def _import_from_cwd(module_name: str):
+    """Import `module_name` as `python -m` would: the current folder first (the console script does not put it on
+    sys.path, so `eightbit quantize mymodel:build` missed ./mymodel.py)."""
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
+            raise ModuleNotFoundError(
+                f"no module {module_name!r} in the current folder ({cwd}) or on the Python path; run eightbit "
+                "from the folder that holds it, or install its package", name=exc.name
+            ) from None
+        raise
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def _config(args):
@@ -88,8 +109,9 @@ def _recovery(args) -> dict:
     return found
 
 
-def _batches(args, folder, program_shape):
-    """A re-iterable stream of input batches from a folder, as the data arguments describe."""
+def _batches(args, folder, program_shape, model: torch.nn.Module | None = None):
+    """A re-iterable stream of input batches from a folder, as the data arguments describe (with `model` and no
+    input shape, .npy/.pt files the model takes only as single samples are stacked: see `_per_sample_shape`)."""
     from eightbit.data import ImagePreprocess, calibration_files, folder_batches
 
     calibration_files(folder)
@@ -103,7 +125,7 @@ def _batches(args, folder, program_shape):
         resize=args.resize or round(args.image_size * 256 / 224),
         normalization=Normalization(args.normalize),
     )
-    shape = args.input_shape or program_shape
+    shape = args.input_shape or program_shape or (None if model is None else _per_sample_shape(model, folder, args))
     make = functools.partial(
         folder_batches,
         folder,
@@ -113,6 +135,45 @@ def _batches(args, folder, program_shape):
         limit=args.max_samples,
     )
     return _Reiterable(make)
+
+
+def _per_sample_shape(model: torch.nn.Module, folder, args) -> tuple[int, ...] | None:
+    """Whether each .npy/.pt file holds a batch (files are concatenated: None) or one sample (files are stacked:
+    the shape of one sample with a batch axis of 1), asked of the model: two copies of the first file are tried
+    concatenated, then stacked.  Files the model takes neither way are an input-form error, said so."""
+    from eightbit.data import IMAGE_SUFFIXES, calibration_files, load_sample
+
+    path = calibration_files(folder)[0]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return None  # images are single samples already
+    stored = load_sample(path)
+    errors = []
+    for form, pair in (("concatenated", torch.cat([stored, stored])), ("stacked", torch.stack([stored, stored]))):
+        try:
+            with torch.no_grad():
+                model(pair)
+        except Exception as exc:
+            errors.append(f"{form} into {tuple(pair.shape)}: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        if form == "concatenated":
+            return None
+        print(  # a choice made for the user: always said, --quiet or not
+            f"eightbit: each file in {folder} holds one sample of shape {tuple(stored.shape)}; stacking them "
+            "into batches (pass --input-shape to say otherwise)",
+            file=sys.stderr,
+        )
+        return (1, *stored.shape)
+    raise ValueError(
+        f"the model takes the files in {folder} neither as batches nor as single samples ({path.name} holds "
+        f"{tuple(stored.shape)}); this is a problem of the input form, not of the model: files "
+        + "; files ".join(errors)
+        + ". Pass --input-shape with the shape of one batch (e.g. 1,3,224,224), or save the files in that form"
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else "")[:200]
 
 
 def _shape_text(shape) -> str:
@@ -152,7 +213,7 @@ def _cmd_quantize(args) -> int:
         check_output_path(args.tflite, args.force)
         config = dataclasses.replace(config, target=Target.TFLITE)
     model, program_shape = _load_model(args.model)
-    batches = _batches(args, args.calib, program_shape)
+    batches = _batches(args, args.calib, program_shape, model)
     _check_model_accepts(model, batches, program_shape, args.calib)
     # A saved program is captured at the shape it was exported with (it may accept no other batch size).
     example = torch.zeros(program_shape) if program_shape else None
@@ -177,9 +238,9 @@ def _cmd_compare(args) -> int:
 
     config = _config(args)
     model, program_shape = _load_model(args.model)
-    evaluation = torch.cat(list(_batches(args, args.eval, program_shape)))
+    evaluation = torch.cat(list(_batches(args, args.eval, program_shape, model)))
     example = torch.zeros(program_shape) if program_shape else None
-    calibration = _batches(args, args.calib, program_shape)
+    calibration = _batches(args, args.calib, program_shape, model)
     _check_model_accepts(model, calibration, program_shape, args.calib)
     if example is not None:
         from eightbit.api import calibrate

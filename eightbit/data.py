@@ -58,7 +58,9 @@ class ImagePreprocess:
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
-def _load_sample(path: Path, preprocess: ImagePreprocess) -> torch.Tensor:
+def load_sample(path: Path, preprocess: ImagePreprocess | None = None) -> torch.Tensor:
+    """The tensor a calibration file holds, as stored (an image: preprocessed, with a batch axis)."""
+    preprocess = preprocess or ImagePreprocess()
     suffix = path.suffix.lower()
     try:
         if suffix in IMAGE_SUFFIXES:
@@ -105,7 +107,7 @@ def folder_batches(
     files = calibration_files(folder)[:limit]
     first: tuple[Path, torch.Size, torch.Size] | None = None  # the first file, its shape as stored and batched
     for path in files:
-        stored = _load_sample(path, preprocess)
+        stored = load_sample(path, preprocess)
         sample = stored
         if sample_shape is not None and sample.dim() == len(sample_shape) - 1:
             sample = sample.unsqueeze(0)

@@ -253,3 +253,51 @@ def test_recovery_flags_and_compare_rows(npy_folder, tmp_path, capsys):
     assert main([*compare, *steps]) == 0
     table = capsys.readouterr().out
     assert "| recovery |" in table and "| cle | minmax | minmax |" in table and "| adaround | minmax |" in table
+
+
+DIGIT_CNN = '''
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+'''
+
+
+def test_per_sample_chw_files_are_stacked_and_a_model_in_the_current_folder_is_found(tmp_path, capsys, monkeypatch):
+    """A digit CNN in ./digits.py and a folder of per-sample (1, 28, 28) files, no --input-shape: the files used
+    to be concatenated into one (16, 28, 28) 'batch', and the console script did not look in the current folder."""
+    (tmp_path / "digits.py").write_text(DIGIT_CNN)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        np.save(folder / f"{i}.npy", rng.standard_normal((1, 28, 28)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(__import__("sys").modules, "digits", raising=False)
+    out = tmp_path / "digits.onnx"
+    assert main(_quantize("digits:build", folder, out)) == 0, capsys.readouterr().err
+    assert "one sample" in capsys.readouterr().err
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_files_the_model_takes_neither_as_batches_nor_as_samples_blame_the_input_form(tmp_path, capsys):
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"{i}.npy", np.zeros((5, 16, 16), np.float32))
+    assert main(_quantize("tests.helpers:ResidualNet", folder, tmp_path / "o.onnx")) == 2
+    err = capsys.readouterr().err
+    assert "(5, 16, 16)" in err and "--input-shape" in err and "input form" in err
+    assert "traceable" not in err
+
+
+def test_a_module_that_is_not_found_says_where_it_was_looked_for(tmp_path, capsys, monkeypatch, npy_folder):
+    monkeypatch.chdir(tmp_path)
+    assert main(_quantize("no_such_module:build", npy_folder, tmp_path / "o.onnx")) == 2
+    err = capsys.readouterr().err
+    assert "no_such_module" in err and "current folder" in err
