@@ -148,6 +148,14 @@ def _adaptive_avg_pool(em: Emitter, node: fx.Node) -> str:
     return em.add("GlobalAveragePool", [em.value(node.args[0])], "gap")
 
 
+@handles(aten.adaptive_avg_pool1d.default)
+def _adaptive_avg_pool1d(em: Emitter, node: fx.Node) -> str:
+    # Swin's and other sequence poolers: (N, C, L) -> (N, C, 1); GlobalAveragePool takes any spatial rank.
+    if list(node.args[1]) != [1]:
+        raise Unsupported("adaptive_avg_pool1d to a size other than 1")
+    return em.add("GlobalAveragePool", [em.value(node.args[0])], "gap")
+
+
 @handles(aten.mean.dim)
 def _mean(em: Emitter, node: fx.Node) -> str:
     x, dims = node.args[:2]

@@ -225,7 +225,8 @@ def test_a_fallback_names_the_op_that_caused_it(tmp_path):
 
 
 class PooledTokens(nn.Module):
-    """A CLS / last-token pool (`x[:, 0]`, `x[:, -1]`: aten.select), as CLIP's and GPT-2's heads read."""
+    """A CLS / last-token pool (`x[:, 0]`, `x[:, -1]`: aten.select), as CLIP's and GPT-2's heads read, and a
+    sequence mean (adaptive_avg_pool1d), as Swin's pooler."""
 
     def __init__(self):
         super().__init__()
@@ -233,19 +234,20 @@ class PooledTokens(nn.Module):
 
     def forward(self, x):
         h = self.fc(x)
-        return {"first": h[:, 0], "last": h[:, -1, 2:]}
+        pooled = nn.functional.adaptive_avg_pool1d(h.transpose(1, 2), 1)  # Swin's pooler
+        return {"first": h[:, 0], "last": h[:, -1, 2:], "pooled": pooled}
 
 
-def test_select_is_emitted_directly_and_outputs_keep_their_names(tmp_path):
+def test_token_pools_are_emitted_directly_and_outputs_keep_their_names(tmp_path):
     data = [torch.randn(4, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     qm = quantize(PooledTokens().eval(), data, progress=False)
     report = qm.export_onnx(tmp_path / "select.onnx")
     assert report.exporter == DIRECT and not report.fallback_reason
     session = ort.InferenceSession(str(tmp_path / "select.onnx"), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["first", "last"]
+    assert [o.name for o in session.get_outputs()] == ["first", "last", "pooled"]
     x = torch.randn(3, 6, 8)
     with torch.no_grad():
         want = qm(x)
     got = session.run(None, {"x": x.numpy()})
-    for name, value in zip(["first", "last"], got, strict=True):
+    for name, value in zip(["first", "last", "pooled"], got, strict=True):
         np.testing.assert_allclose(value, want[name].numpy(), atol=1e-4)
