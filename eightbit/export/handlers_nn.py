@@ -131,6 +131,9 @@ def _max_pool(em: Emitter, node: fx.Node) -> str:
 def _avg_pool(em: Emitter, node: fx.Node) -> str:
     if _arg(node, 6, "divisor_override") is not None:
         raise Unsupported("avg_pool2d divisor_override")
+    ceil_mode, include_pad = bool(_arg(node, 4, "ceil_mode", False)), bool(_arg(node, 5, "count_include_pad", True))
+    if ceil_mode and include_pad and _overhangs(em, node):
+        return _ceil_avg_pool_with_explicit_padding(em, node)
     return em.add(
         "AveragePool",
         [em.value(node.args[0])],
@@ -139,6 +142,56 @@ def _avg_pool(em: Emitter, node: fx.Node) -> str:
         ceil_mode=int(bool(_arg(node, 4, "ceil_mode", False))),
         count_include_pad=int(bool(_arg(node, 5, "count_include_pad", True))),
     )
+
+
+def _overhangs(em: Emitter, node: fx.Node) -> bool:
+    """Whether a ceil-mode window reaches past the padded input (there ONNX AveragePool divides by the whole
+    kernel, torch by the part of the window inside the padded input).  Unknown spatial sizes: Unsupported."""
+    x, out = _captured_value(node.args[0]), node.meta.get("val")  # as captured (the emitter keeps ranks only)
+    window = _pool_window(node, 3)
+    sizes = [*x.shape[2:], *out.shape[2:]] if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) else []
+    if len(sizes) != 4 or not all(isinstance(v, int) for v in sizes):
+        raise Unsupported("ceil-mode avg_pool2d over a dynamic spatial size")
+    return any(
+        (o - 1) * s + k > size + 2 * p
+        for size, o, k, s, p in zip(
+            sizes[:2], sizes[2:], window["kernel_shape"], window["strides"], window["pads"][:2], strict=True
+        )
+    )
+
+
+def _captured_value(node):
+    """The value capture recorded for `node`, or for the tensor it re-quantizes (Q/DQ nodes added later have
+    none; they keep their input's shape)."""
+    while isinstance(node, fx.Node) and "val" not in node.meta and node.target in (ops.QUANTIZE, ops.DEQUANTIZE):
+        node = node.args[0]
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _ceil_avg_pool_with_explicit_padding(em: Emitter, node: fx.Node) -> str:
+    """torch's ceil-mode avg_pool2d with count_include_pad, where a window hangs past the padded input: ONNX
+    AveragePool without count_include_pad divides each window by its part inside the input; a constant map
+    rescales that to torch's divisor (the part inside the padded input).  (An explicit Pad before the pool is
+    exact too, but ONNX Runtime's optimizer fuses it back into the pool's pads and then divides like torch does
+    not.)  Output positions past torch's output size are sliced off."""
+    window = _pool_window(node, 3)
+    sizes, out = list(_captured_value(node.args[0]).shape[2:]), list(node.meta["val"].shape[2:])
+    factors = [
+        _divisor_ratio(*dims)
+        for dims in zip(sizes, out, window["kernel_shape"], window["strides"], window["pads"][:2], strict=True)
+    ]
+    scale = torch.outer(*factors).reshape(1, 1, *out).float()
+    pooled = em.add("AveragePool", [em.value(node.args[0])], "avgpool", **window, ceil_mode=1, count_include_pad=0)
+    cropped = em.add("Slice", [pooled, em.ints([0, 0]), em.ints(out), em.ints([2, 3])], "avgpool")
+    return em.add("Mul", [cropped, em.constant(scale, hint="avgpool_divisor")], "avgpool")
+
+
+def _divisor_ratio(size: int, out: int, kernel: int, stride: int, pad: int) -> torch.Tensor:
+    """Per output position along one axis: (inputs in the window) / (window inside the padded input), float64."""
+    starts = torch.arange(out, dtype=torch.float64) * stride - pad
+    inside = torch.minimum(starts + kernel, torch.tensor(float(size))) - starts.clamp(min=0)
+    padded = torch.minimum(starts + kernel, torch.tensor(float(size + pad))) - starts
+    return inside / padded
 
 
 @handles(aten.adaptive_avg_pool2d.default)
