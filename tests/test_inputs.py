@@ -1,12 +1,15 @@
 """Calibration batches -> model inputs (eightbit.inputs): labels, input_fn, dtypes, shapes, NaN batch indices."""
 
+import dataclasses
 import warnings
 
+import onnx
 import pytest
 import torch
 from torch import nn
 
 from eightbit import QuantConfig, calibrate, int8_weights, quantize, uint8_activations
+from eightbit.graph.capture import CaptureError
 from tests.helpers import DepthwiseNet, calibration_batches
 
 
@@ -172,3 +175,133 @@ def test_the_int8_model_of_a_half_model_accepts_half_inputs():
         qm = quantize(model, [b.half() for b in calibration_batches()], progress=False)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(qm(x.half()), qm(x.half().float()))
+
+
+# --- binding by name: dicts, keywords, **kwargs, constants, structured outputs ----------------------------------
+
+
+class KwargsEncoder(nn.Module):
+    """The shape of every transformers 5.x forward(): named optional inputs and **kwargs."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, input_ids=None, attention_mask=None, output_attentions: bool = False, **kwargs):
+        if input_ids is None:
+            raise ValueError("You have to specify input_ids")
+        h = self.fc(self.emb(input_ids)) * attention_mask.unsqueeze(-1).float()
+        return {"last_hidden_state": h, "pooled": h.mean(1) * kwargs.get("scale", 1.0)}
+
+
+def _token_batches(n: int = 3):
+    g = torch.Generator().manual_seed(0)
+    return [
+        {"input_ids": torch.randint(0, 20, (4, 6), generator=g), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+        for _ in range(n)
+    ]
+
+
+def test_a_dict_binds_by_name_into_a_kwargs_forward_and_outputs_keep_their_keys(tmp_path):
+    """Dict keys went nowhere for a forward(..., **kwargs): input_ids stayed None."""
+    model = KwargsEncoder().eval()
+    batches = _token_batches()
+    qm = quantize(model, batches, progress=False)
+    assert qm.input_names == ["input_ids", "attention_mask"]
+    out = qm(**batches[0])
+    assert set(out) == {"last_hidden_state", "pooled"}
+    cos = torch.nn.functional.cosine_similarity(out["pooled"], model(**batches[0])["pooled"])
+    assert cos.min() > 0.95
+    qm.export_onnx(tmp_path / "kw.onnx")
+    graph = onnx.load(tmp_path / "kw.onnx").graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["last_hidden_state", "pooled"]
+
+
+def test_inputs_given_through_kwargs_reach_forward_and_stay_constants_when_not_tensors():
+    model = KwargsEncoder().eval()
+    batches = [{**b, "scale": 2.0} for b in _token_batches()]
+    qm = quantize(model, batches, progress=False)
+    assert qm.input_names == ["input_ids", "attention_mask"] and qm.call_plan.constants == {"scale": 2.0}
+    want = model(**batches[0])["pooled"]
+    assert torch.nn.functional.cosine_similarity(qm(**batches[0])["pooled"], want).min() > 0.95
+    with pytest.raises(ValueError, match=r"scale=3.0.*fixed at capture as 2.0"):
+        qm(**{**batches[0], "scale": 3.0})
+
+
+def test_an_input_the_model_does_not_use_is_named():
+    batches = [{**b, "token_type_ids": torch.zeros(4, 6, dtype=torch.long)} for b in _token_batches()]
+    with pytest.raises(ValueError, match=r"\['token_type_ids'\].*\*\*kwargs.*does not use"):
+        quantize(KwargsEncoder().eval(), batches, progress=False)
+
+
+def test_a_misspelled_key_says_the_input_form_is_wrong_not_the_tracing():
+    batches = [{"input_id": b["input_ids"], "attention_mask": b["attention_mask"]} for b in _token_batches()]
+    with pytest.raises(CaptureError, match=r"input_id.*input form") as info:
+        quantize(KwargsEncoder().eval(), batches, progress=False)
+    assert "traceable" not in str(info.value)
+
+
+def test_a_missing_tensor_input_is_named_on_the_int8_model():
+    qm = quantize(KwargsEncoder().eval(), _token_batches(), progress=False)
+    with pytest.raises(TypeError, match=r"lacks the input \['attention_mask'\]"):
+        qm(input_ids=_token_batches()[0]["input_ids"])
+
+
+class Embedder(nn.Module):
+    """A non-tensor default argument, as in `forward(x, embed=False)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, embed=False):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        return features if embed else self.fc(features)
+
+
+def test_a_non_tensor_default_is_a_constant_never_required_again():
+    """qm(x) used to fail with a torch.export tree-spec error (the bool had become a required input)."""
+    model = Embedder().eval()
+    x = torch.randn(2, 3, 16, 16)
+    for batches, embed in (([b for b in calibration_batches()], False), ([(b, True) for b in calibration_batches()], True)):
+        qm = quantize(model, batches, input_fn=lambda b: b, progress=False)
+        assert qm.input_names == ["x"]
+        assert qm(x).shape == model(x, embed).shape  # left out: the value it was captured with
+        assert qm(x, embed=embed).shape == model(x, embed).shape  # repeated: fine
+        with pytest.raises(ValueError, match=rf"embed={not embed}.*captur.*as {embed}"):
+            qm(x, not embed)
+
+
+def test_a_constant_that_changes_between_batches_is_refused_with_the_batch():
+    batches = [(b, i == 2) for i, b in enumerate(calibration_batches())]
+    with pytest.raises(ValueError, match=r"calibration batch 2 passes embed=True.*fixed at capture as False"):
+        quantize(Embedder().eval(), batches, input_fn=lambda b: b, progress=False)
+
+
+@dataclasses.dataclass
+class Heads:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class DataclassOut(Embedder):
+    def forward(self, x, config=None):
+        features = torch.relu(self.conv(x)).mean((2, 3))
+        return Heads(logits=self.fc(features) * config["temperature"], features=features)
+
+
+def test_dataclass_outputs_and_config_objects(tmp_path):
+    model = DataclassOut().eval()
+    config = {"temperature": 0.5}  # a config object: a constant of the capture, by identity
+    batches = [{"x": b, "config": config} for b in calibration_batches()]
+    qm = quantize(model, batches, progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    out = qm(x)
+    assert isinstance(out, Heads) and out.logits.shape == (2, 4)
+    assert torch.nn.functional.cosine_similarity(out.logits, model(x, config).logits).min() > 0.95
+    qm.export_onnx(tmp_path / "heads.onnx")
+    graph = onnx.load(tmp_path / "heads.onnx").graph
+    assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["logits", "features"]

@@ -10,6 +10,7 @@ tracing it would silently freeze one branch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import warnings
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ def _check_runs(model: nn.Module, args: tuple, names: list[str] | None = None) -
     """Run the model once in float: an input it cannot take is the input's fault, not the tracer's."""
     try:
         with torch.no_grad():
-            model(*args)
+            out = model(*args)
     except Exception as exc:
         names = list(names or [])[: len(args)] + [f"input {i}" for i in range(len(names or []), len(args))]
         shapes = ", ".join(
@@ -134,6 +135,24 @@ def _check_runs(model: nn.Module, args: tuple, names: list[str] | None = None) -
             "shape and dtype of the inputs each calibration batch gives forward() (a dict binds by name; "
             "keys forward() does not name go to its **kwargs); if your batches carry labels too, select the inputs."
         ) from exc
+    _register_output_dataclasses(out)
+
+
+def _register_output_dataclasses(value) -> None:
+    """Plain dataclasses in the model's output become pytree nodes, so that the graph returns them as the
+    model does (torch.export refuses types it cannot flatten; transformers registers its ModelOutputs itself)."""
+    pytree = torch.utils._pytree
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _register_output_dataclasses(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _register_output_dataclasses(v)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if type(value) not in pytree.SUPPORTED_NODES:
+            torch.export.register_dataclass(type(value))
+        for f in dataclasses.fields(value):
+            _register_output_dataclasses(getattr(value, f.name))
 
 
 def _capture_make_fx(model: nn.Module, args: tuple, export_error: Exception) -> Captured:

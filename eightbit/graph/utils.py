@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -69,9 +70,13 @@ def _leaf_paths(spec, prefix: tuple) -> list[tuple] | None:
     context = spec.context
     if isinstance(context, (list, tuple)) and len(context) == len(children) and all(isinstance(k, str) for k in context):
         keys = list(context)  # dict / ModelOutput keys
+    elif dataclasses.is_dataclass(spec.type) and isinstance(context, (list, tuple)) and context:
+        keys = list(context[0])  # torch.export.register_dataclass: (fields that are not None, fields that are)
     elif isinstance(context, type) and hasattr(context, "_fields"):
         keys = list(context._fields)  # namedtuple
     else:
+        keys = list(range(len(children)))
+    if len(keys) != len(children):
         keys = list(range(len(children)))
     out = []
     for key, child in zip(keys, children, strict=True):
