@@ -1,5 +1,6 @@
 """Calibration batches -> model inputs (eightbit.inputs): labels, input_fn, dtypes, shapes, NaN batch indices."""
 
+import collections
 import dataclasses
 import warnings
 
@@ -305,3 +306,10 @@ def test_dataclass_outputs_and_config_objects(tmp_path):
     qm.export_onnx(tmp_path / "heads.onnx")
     graph = onnx.load(tmp_path / "heads.onnx").graph
     assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["logits", "features"]
+
+
+def test_a_mapping_that_is_not_a_dict_binds_by_name():
+    """A tokenizer's BatchEncoding is a UserDict, not a dict: it was taken for one positional input."""
+    batches = [collections.UserDict(b) for b in _token_batches()]
+    qm = quantize(KwargsEncoder().eval(), batches, progress=False)
+    assert qm.input_names == ["input_ids", "attention_mask"]

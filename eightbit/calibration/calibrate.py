@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def _is_guard(node: fx.Node) -> bool:
 
 def as_model_inputs(batch) -> tuple[tuple, dict]:
     """A calibration item as (args, kwargs): a tensor/array, a tuple/list of them, or a dict of keyword inputs."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding (a UserDict)
         return (), {k: _to_tensor(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return tuple(_to_tensor(v) for v in batch), {}
