@@ -29,7 +29,14 @@ from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normal
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.equalize import equalize_graph, record_channel_max, relu6_layers
 from eightbit.graph.transforms.smooth_quant import apply_smoothing, record_channel_absmax, smoothing_targets
-from eightbit.inputs import InputBinder, InputFn, check_inputs_used, float32_model, integer_image_error
+from eightbit.inputs import (
+    InputBinder,
+    InputFn,
+    check_inputs_used,
+    float32_model,
+    integer_image_error,
+    kv_cache_notes,
+)
 from eightbit.model import QuantizedModel
 from eightbit.runtime import hw
 
@@ -252,7 +259,7 @@ def _prepare(
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
-    notes = [*([note] if note else []), *binder.plan.notes]
+    notes = [*([note] if note else []), *kv_cache_notes(model, binder.plan, args)]
     return _Prepared(gm, captured, place(gm, config), config, args, binder.names, folded, binder, fingerprint, notes)
 
 

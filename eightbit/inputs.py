@@ -22,7 +22,7 @@ import copy
 import inspect
 import keyword
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +118,7 @@ class InputBinder:
         if self.plan is None:
             planned = _without_cache(self._signature, arguments)
             self.plan = CallPlan(self._signature, planned)
-            self.plan.notes = [CACHE_NOTE] if len(planned) > len(arguments) else []
+            self.plan.cache_disabled = len(planned) > len(arguments)
             self.names = list(self.plan.names)
         return self.plan.inputs(arguments, where)
 
@@ -283,6 +283,24 @@ def _without_cache(signature: inspect.Signature, arguments: list[Argument]) -> l
     return [*arguments, Argument("use_cache", False, False)]
 
 
+def kv_cache_notes(model: nn.Module, plan: CallPlan, tensors: tuple) -> list[str]:
+    """The summary note when eightbit turned a KV cache off that the model would have built (GPT-2, Llama: not
+    BERT, whose forward() also has use_cache): one float run of the model as the user would call it."""
+    if not plan.cache_disabled:
+        return []
+    was_training = model.training
+    try:
+        model.eval()  # dropout off, BatchNorm statistics untouched; the mode is restored below
+        with torch.no_grad():
+            out = plan.call(model.forward, tensors, leave_out=("use_cache",))
+    except Exception:
+        return [CACHE_NOTE]
+    finally:
+        model.train(was_training)
+    cache = out.get("past_key_values") if isinstance(out, Mapping) else getattr(out, "past_key_values", None)
+    return [CACHE_NOTE] if cache is not None else []
+
+
 def _same(a, b) -> bool:
     if a is b:
         return True
@@ -302,18 +320,21 @@ class CallPlan:
         self.names = tuple(a.name for a in arguments if isinstance(a.value, torch.Tensor))
         self.constants = {a.name: a.value for a in arguments if not isinstance(a.value, torch.Tensor)}
         self.extras = frozenset(a.name for a in arguments if a.extra)  # inputs that went to **kwargs
-        self.notes: list[str] = []  # what the user should know about the capture (set by the binder)
+        self.cache_disabled = False  # use_cache=False was added by eightbit (see `kv_cache_notes`)
         if not self.names:
             raise TypeError(
                 f"forward{signature} got no tensor inputs (only {sorted(self.constants) or 'nothing'}); pass the "
                 "model's input tensors (a tensor, a tuple of positional inputs or a dict of keyword inputs)"
             )
 
-    def call(self, forward: Callable, tensors: tuple):
-        """forward() called with `tensors` (graph order) and the constants, each as it was passed at capture."""
+    def call(self, forward: Callable, tensors: tuple, *, leave_out: tuple[str, ...] = ()):
+        """forward() called with `tensors` (graph order) and the constants, each as it was passed at capture
+        (except the constants named in `leave_out`)."""
         values = iter(tensors)
         args, kwargs = [], {}
         for name, positional, is_tensor in self._layout:
+            if name in leave_out and not is_tensor:
+                continue
             value = next(values) if is_tensor else self.constants[name]
             if positional:
                 args.append(value)
