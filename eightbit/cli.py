@@ -78,7 +78,8 @@ def _import_from_cwd(module_name: str):
         if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
             raise ModuleNotFoundError(
                 f"no module {module_name!r} in the current folder ({cwd}) or on the Python path; run eightbit "
-                "from the folder that holds it, or install its package", name=exc.name
+                "from the folder that holds it, or install its package",
+                name=exc.name,
             ) from None
         raise
     finally:

@@ -2,8 +2,11 @@
 
 A batch is a tensor (or array), a tuple/list of positional inputs, or a dict of keyword inputs; `input_fn`, when
 given, maps each calibration batch to one of those first (as NNCF's `transform_fn`: `input_fn=lambda b: b[0]`
-for a DataLoader of `(inputs, labels)` pairs).  `InputBinder` binds it to forward()'s signature, so the captured
-graph is always called positionally, and refuses what would calibrate a silently wrong model:
+for a DataLoader of `(inputs, labels)` pairs).  `InputBinder` binds it to forward()'s signature by name (dict keys
+that forward() does not name go to its **kwargs).  The first batch fixes the `CallPlan`: its tensor arguments are
+the captured graph's positional inputs, named after their parameters; every other argument (bools, numbers, None,
+config objects) is a constant of the capture that later calls may leave out but never change.  A decoder's KV
+cache is turned off (`use_cache=False`).  The binder refuses what would calibrate a silently wrong model:
 
 - batch items that do not fit forward() (too many), or that bind only to optional parameters while they look
   like labels (a 1-D integer tensor of batch length): the message shows the `input_fn` that fixes it.  Batches
@@ -245,7 +248,11 @@ def bind_arguments(signature: inspect.Signature, bound: inspect.BoundArguments, 
             raise TypeError(
                 f"{where}: input {a.name!r} is a {type(a.value).__name__} holding tensors; eightbit binds tensors "
                 "and constants (bools, numbers, None, configs) only: pass each tensor as its own input"
-                + (" (for a KV cache: quantize with use_cache=False and no past_key_values)" if "past" in a.name else "")
+                + (
+                    " (for a KV cache: quantize with use_cache=False and no past_key_values)"
+                    if "past" in a.name
+                    else ""
+                )
             )
     return out
 
@@ -347,7 +354,9 @@ class CallPlan:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"this model takes forward{self.signature} (tensor inputs {list(self.names)}): {exc}") from None
+            raise TypeError(
+                f"this model takes forward{self.signature} (tensor inputs {list(self.names)}): {exc}"
+            ) from None
         return self.inputs(bind_arguments(self.signature, bound, "this call"), "this call")
 
     def inputs(self, arguments: list[Argument], where: str) -> tuple:

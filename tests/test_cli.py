@@ -255,7 +255,7 @@ def test_recovery_flags_and_compare_rows(npy_folder, tmp_path, capsys):
     assert "| recovery |" in table and "| cle | minmax | minmax |" in table and "| adaround | minmax |" in table
 
 
-DIGIT_CNN = '''
+DIGIT_CNN = """
 import torch
 from torch import nn
 
@@ -263,7 +263,7 @@ from torch import nn
 def build():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-'''
+"""
 
 
 def test_per_sample_chw_files_are_stacked_and_a_model_in_the_current_folder_is_found(tmp_path, capsys, monkeypatch):

@@ -100,9 +100,7 @@ def _build(name: str):
         config = T.T5Config(vocab_size=120, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
         return (*_text_model(T.T5EncoderModel(config)), 2)
     if name == "llama":
-        config = T.LlamaConfig(
-            vocab_size=120, max_position_embeddings=64, num_key_value_heads=2, **_ENCODER
-        )
+        config = T.LlamaConfig(vocab_size=120, max_position_embeddings=64, num_key_value_heads=2, **_ENCODER)
         return (*_text_model(T.LlamaModel(config)), 2)
     if name == "whisper_encoder":
         config = T.WhisperConfig(

@@ -267,7 +267,10 @@ def test_a_non_tensor_default_is_a_constant_never_required_again():
     """qm(x) used to fail with a torch.export tree-spec error (the bool had become a required input)."""
     model = Embedder().eval()
     x = torch.randn(2, 3, 16, 16)
-    for batches, embed in (([b for b in calibration_batches()], False), ([(b, True) for b in calibration_batches()], True)):
+    for batches, embed in (
+        ([b for b in calibration_batches()], False),
+        ([(b, True) for b in calibration_batches()], True),
+    ):
         qm = quantize(model, batches, input_fn=lambda b: b, progress=False)
         assert qm.input_names == ["x"]
         assert qm(x).shape == model(x, embed).shape  # left out: the value it was captured with

@@ -68,7 +68,11 @@ def _leaf_paths(spec, prefix: tuple) -> list[tuple] | None:
         return [prefix]
     children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
     context = spec.context
-    if isinstance(context, (list, tuple)) and len(context) == len(children) and all(isinstance(k, str) for k in context):
+    if (
+        isinstance(context, (list, tuple))
+        and len(context) == len(children)
+        and all(isinstance(k, str) for k in context)
+    ):
         keys = list(context)  # dict / ModelOutput keys
     elif dataclasses.is_dataclass(spec.type) and isinstance(context, (list, tuple)) and context:
         keys = list(context[0])  # torch.export.register_dataclass: (fields that are not None, fields that are)
