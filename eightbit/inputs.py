@@ -349,6 +349,10 @@ class CallPlan:
                 kwargs[name] = value
         return forward(*args, **kwargs)
 
+    def __deepcopy__(self, memo) -> CallPlan:
+        # Immutable once made; the constants are the user's objects (a config compared by identity must stay it).
+        return self
+
     def graph_inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The graph inputs of a call of the quantized model with forward()'s own arguments."""
         try:

@@ -316,3 +316,23 @@ def test_a_mapping_that_is_not_a_dict_binds_by_name():
     batches = [collections.UserDict(b) for b in _token_batches()]
     qm = quantize(KwargsEncoder().eval(), batches, progress=False)
     assert qm.input_names == ["input_ids", "attention_mask"]
+
+
+class Settings:
+    """A config object without __eq__: compared by identity."""
+
+    scale = 0.5
+
+
+class Scaled(Embedder):
+    def forward(self, x, settings=None):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3))) * settings.scale
+
+
+def test_a_config_object_stays_the_users_object_through_calibrate_then_quantize():
+    settings = Settings()
+    cal = calibrate(Scaled().eval(), [{"x": b, "settings": settings} for b in calibration_batches()], progress=False)
+    qm = cal.quantize()  # quantize() works on a copy of the calibration: the constant must still be `settings`
+    assert qm(torch.randn(2, 3, 16, 16), settings=settings).shape == (2, 4)
+    with pytest.raises(ValueError, match="fixed at capture"):
+        qm(torch.randn(2, 3, 16, 16), settings=Settings())
