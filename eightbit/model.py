@@ -18,7 +18,6 @@ from eightbit.graph.macs import MacReport
 from eightbit.graph.placement import Placement
 from eightbit.saved import ENCODINGS_VERSION
 
-
 # QuantizedModel -> weak reference to the float model it was quantized from: analysis compares against it without
 # keeping it alive or making it part of the quantized model's state (state_dict, pickling, deepcopy).
 _FLOAT_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

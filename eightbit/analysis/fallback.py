@@ -76,7 +76,8 @@ class FallbackResult:
             ops = "float model" if c.index == 0 else f"{len(c.float_ops)} ops float"
             lines.append(f"  #{c.index}: {ops}: {c.metric:.4f} {'meets' if c.meets else 'below'} ({c.seconds:.1f} s)")
         if self.best is not None:
-            lines.append(f"best: {len(self.best.float_ops)} ops float {self.best.float_ops}, metric {self.best.metric:.4f}")
+            best = self.best
+            lines.append(f"best: {len(best.float_ops)} ops float {best.float_ops}, metric {best.metric:.4f}")
         return "\n".join(lines)
 
 

@@ -141,7 +141,8 @@ class Reference:
         for name in self.ops:
             node, rule = nodes[name], placement.quantized_ops[name]
             taps[name] = _insert_tap(gm, _fused_chain_end(node), name)
-            input_taps[name] = [_side_tap(gm, _before_switch(a), f"{name}_in{i}") for i, a in enumerate(_inputs(node, rule))]
+            inputs = enumerate(_inputs(node, rule))
+            input_taps[name] = [_side_tap(gm, _before_switch(a), f"{name}_in{i}") for i, a in inputs]
             if rule.weight_arg is not None and name in self.qm.weight_encodings:
                 weights[name] = self._weight_switches(gm, node, rule, switches)
         gm.recompile()
@@ -307,7 +308,8 @@ def _replace_arg(gm: fx.GraphModule, node: fx.Node, pos: int, switch: WeightSwit
 
 def _flat(output) -> torch.Tensor:
     """Every floating-point output leaf, flattened per sample into one (batch, features) matrix."""
-    leaves = [t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    leaves = torch.utils._pytree.tree_leaves(output)
+    leaves = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
         raise ValueError("the model has no floating-point output to compare")
     batch = leaves[0].shape[0] if leaves[0].dim() else 1
@@ -321,7 +323,8 @@ SQNR_CAP_DB = 100.0  # identical tensors (no noise at all) report this instead o
 
 def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """10 log10(signal power / noise power) of candidate against reference, capped at SQNR_CAP_DB."""
-    return power_db(float(reference.double().pow(2).sum()), float((candidate.double() - reference.double()).pow(2).sum()))
+    reference, candidate = reference.double(), candidate.double()
+    return power_db(float(reference.pow(2).sum()), float((candidate - reference).pow(2).sum()))
 
 
 def power_db(signal: float, noise: float) -> float:
