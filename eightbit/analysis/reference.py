@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 from torch import fx, nn
 
-from eightbit import saved
+from eightbit import qmath, saved
 from eightbit.api import _calibration_batches, _prepare, _Prepared
 from eightbit.calibration.calibrate import OBSERVER_PREFIX, insert_observers
 from eightbit.calibration.encodings import Encoding
@@ -161,13 +161,16 @@ class Reference:
         q = ops.quantize(w.detach().float(), scale, zp, enc.qmin, enc.qmax, axis)
         made = [_replace_arg(gm, node, rule.weight_arg, WeightSwitch(w, ops.dequantize(q, scale, zp, axis)))]
         bias = attr_value(gm, node.args[rule.bias_arg]) if rule.bias_arg is not None else None
-        if bias is not None and len(node.args) > rule.bias_arg and self.qm.config.bias_correction:
-            source = node.args[rule.activation_args[0]]  # the input's switch call
-            group = str(source.target)[len(OBSERVER_PREFIX) :] if source.op == "call_module" else None
-            known = {source: self.qm.activation_encodings[group]} if group in switches else {}
-            shift = _bias_shift(node, rule, list(node.args), known, w, q, enc)
-            corrected = bias.detach().float() - (0 if shift is None else shift)
-            made.append(_replace_arg(gm, node, rule.bias_arg, WeightSwitch(bias, corrected)))
+        if bias is None or len(node.args) <= rule.bias_arg:
+            return made
+        source = node.args[rule.activation_args[0]]  # the input's switch call
+        group = str(source.target)[len(OBSERVER_PREFIX) :] if source.op == "call_module" else None
+        act = self.qm.activation_encodings.get(group)
+        shift = None
+        if self.qm.config.bias_correction and act is not None:
+            shift = _bias_shift(node, rule, list(node.args), {source: act}, w, q, enc)
+        corrected = bias.detach().float() - (0 if shift is None else shift)
+        made.append(_replace_arg(gm, node, rule.bias_arg, WeightSwitch(bias, _int32_bias(corrected, act, scale))))
         return made
 
     def _ownership(self) -> tuple[dict[str, list[str]], dict[str, list[WeightSwitch]]]:
@@ -251,6 +254,20 @@ class Reference:
             k: copy.deepcopy(v) for k, v in self.qm.weight_encodings.items() if k in prepared.placement.quantized_ops
         }
         return prepared.finish(act, config, weights, [n for n in self.qm.notes if n not in prepared.notes])
+
+
+def _int32_bias(bias: torch.Tensor, act: Encoding | None, w_scale: torch.Tensor) -> torch.Tensor:
+    """The bias as the int8 model adds it: its int32 codes at scale input_scale * weight_scale, dequantized
+    exactly as convert's graph does (float when the input is per-channel or the codes would not fit, as there).
+    Bit-exact matters: a bias off by a rounding error flips quantization codes downstream."""
+    if act is None or act.axis is not None:
+        return bias
+    in_scale = torch.tensor(act.scale[0])
+    if not qmath.bias_representable(bias, in_scale, w_scale):
+        return bias
+    q = qmath.quantize_bias(bias, in_scale, w_scale)
+    scale = (in_scale * w_scale).reshape(-1).expand(bias.shape[0]).contiguous()
+    return ops.dequantize(q, scale, torch.zeros(bias.shape[0], dtype=torch.int32), 0)
 
 
 def _insert_tap(gm: fx.GraphModule, node: fx.Node, name: str) -> Tap:
