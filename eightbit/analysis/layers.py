@@ -381,7 +381,7 @@ def _cumulative_bars(result: LayerAnalysis, path: Path) -> Path:
     fig, ax = _bar_figure(len(rows))
     y = range(len(rows))
     ax.barh(y, [r.cumulative_sqnr_db for r in rows], color="tab:blue", label="SQNR at the op's output")
-    ax.plot([min(r.added_db, SQNR_CAP_DB) for r in rows], y, "o", color="tab:red", ms=4, label="error the op adds")
+    ax.plot([min(r.added_db, SQNR_CAP_DB) for r in rows], y, "o", color="tab:red", ms=4, label="SQNR of the error this op adds")
     ax.set_yticks(y, [r.name for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set(
@@ -389,7 +389,7 @@ def _cumulative_bars(result: LayerAnalysis, path: Path) -> Path:
         ylabel="op (graph order)",
         title=f"{result.model_name}: full int8 model, error by op (output {result.output_sqnr_db:.1f} dB)",
     )
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     return save_png(fig, path)
 
