@@ -381,7 +381,8 @@ def _cumulative_bars(result: LayerAnalysis, path: Path) -> Path:
     fig, ax = _bar_figure(len(rows))
     y = range(len(rows))
     ax.barh(y, [r.cumulative_sqnr_db for r in rows], color="tab:blue", label="SQNR at the op's output")
-    ax.plot([min(r.added_db, SQNR_CAP_DB) for r in rows], y, "o", color="tab:red", ms=4, label="SQNR of the error this op adds")
+    added = [min(r.added_db, SQNR_CAP_DB) for r in rows]
+    ax.plot(added, y, "o", color="tab:red", ms=4, label="SQNR of the error this op adds")
     ax.set_yticks(y, [r.name for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set(
