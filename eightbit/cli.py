@@ -73,7 +73,13 @@ def _config(args):
         bits=args.weight_bits, granularity=granularity, method=args.weight_method, power_of_two=args.pow2
     )
     activations = uint8_activations(method=args.method, percentile=args.percentile, power_of_two=args.pow2)
-    return QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float), **_recovery(args))
+    return QuantConfig(
+        weights=weights,
+        activations=activations,
+        keep_float=tuple(args.keep_float),
+        keep_float_nodes=tuple(args.keep_float_node),
+        **_recovery(args),
+    )
 
 
 def _recovery(args) -> dict:
@@ -282,6 +288,13 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
     p.add_argument("--adaround-samples", type=int, default=64, help="calibration samples AdaRound learns from")
     p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
+    p.add_argument(
+        "--keep-float-node",
+        action="append",
+        default=[],
+        metavar="OP",
+        help="single op to keep float, by name as the summary lists it (what `analyze --max-drop` finds)",
+    )
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument(
         "--resize", type=positive_int, default=None, help="shorter side before centre crop (default size*256/224)"

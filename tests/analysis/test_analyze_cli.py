@@ -40,3 +40,13 @@ def test_analyze_writes_the_report_then_refuses_to_overwrite(npy_folder, tmp_pat
     assert (out / "fallback" / "best" / "model.onnx").stat().st_size > 0
     assert main([*argv, "--force", "--max-drop", "0.1"]) == 2
     assert "go together" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::eightbit.MostlyFloatWarning")  # one of two convs float, as asked
+def test_quantize_keeps_the_ops_the_fallback_names(npy_folder, tmp_path, capsys):
+    argv = ["quantize", "tests.helpers:ResidualNet", "--calib", str(npy_folder), "--input-shape", "1,3,16,16"]
+    argv += ["--out", str(tmp_path / "m.onnx"), "--quiet", "--verbose"]
+    assert main([*argv, "--keep-float-node", "conv2d_1"]) == 0
+    assert any("conv2d_1" in line and "keep_float_nodes" in line for line in capsys.readouterr().out.splitlines())
+    assert main([*argv, "--force", "--keep-float-node", "conv2d_99"]) == 2
+    assert "keep_float_nodes name 'conv2d_99'" in capsys.readouterr().err
