@@ -114,6 +114,12 @@ def main() -> int:
     parser.add_argument("--calib", type=int, default=256)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--analysis-batches", type=int, default=4, help="batches of 8 calibration crops")
+    parser.add_argument(
+        "--fallback-batches", type=int, default=None, help="batches of 8 crops for the per-tensor ranking"
+    )
+    parser.add_argument(
+        "--per-channel-agreement", type=float, help="skip the per-channel model: its top-1 agreement (fallback part)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     from eightbit.demos import zoo
@@ -126,11 +132,12 @@ def main() -> int:
         reference = model(evaluation)
     print(f"CPU: {'VNNI' if hw.has_vnni() else 'no VNNI (AVX2 path, 7-bit GEMM weight codes)'}")
     print(f"EfficientNet-Lite0, {args.calib} calibration crops, {args.eval} eval crops\n")
-    per_channel = None
+    per_channel = args.per_channel_agreement
     if args.part in ("analysis", "both"):
         per_channel = analysis_part(model, calibration, evaluation, reference, args.analysis_batches)
     if args.part in ("fallback", "both"):
-        fallback_part(model, calibration, evaluation, reference, args.analysis_batches, per_channel)
+        batches = args.fallback_batches or args.analysis_batches
+        fallback_part(model, calibration, evaluation, reference, batches, per_channel)
     return 0
 
 

@@ -407,7 +407,7 @@ def _histogram(result: LayerAnalysis, op: str, row: TensorRow, values: torch.Ten
     ax.set(
         xlabel=f"value of tensor {row.tensor} ({row.group}, float model)",
         ylabel="count (log scale)",
-        title=f"{result.model_name}: {op}, tensor SQNR {row.sqnr_db:.1f} dB{clipped}{codes}",
+        title=f"{result.model_name}: {op}\ntensor SQNR {row.sqnr_db:.1f} dB{clipped}{codes}",
     )
     ax.legend(fontsize=8)
     return save_png(fig, path)
