@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from eightbit.convert import convert
 from eightbit.fileio import atomic_path
 from eightbit.graph.capture import Captured, _with_batch, capture
 from eightbit.graph.macs import count_macs, warn_if_mostly_float
-from eightbit.graph.placement import Placement, check_keep_float, place
+from eightbit.graph.placement import Placement, check_keep_float, check_keep_float_nodes, place
 from eightbit.graph.transforms import fold_batchnorm, fuse_pad_into_conv, normalize_spellings
 from eightbit.graph.transforms.attention import decompose_attention
 from eightbit.graph.transforms.equalize import equalize_graph, record_channel_max, relu6_layers
@@ -37,7 +38,7 @@ from eightbit.inputs import (
     integer_image_error,
     kv_cache_notes,
 )
-from eightbit.model import QuantizedModel
+from eightbit.model import QuantizedModel, remember_float_model
 from eightbit.runtime import hw
 
 
@@ -191,6 +192,7 @@ class _Prepared:
     fingerprint: str
     notes: list[str] = field(default_factory=list)
     smooth_alpha: float | None = None
+    source: weakref.ref | None = None  # the user's float model (for analysis), never kept alive by us
 
     def finish(
         self, act: dict[str, Encoding], config: QuantConfig, weight_ranges: dict | None = None, notes=()
@@ -202,7 +204,7 @@ class _Prepared:
             self.gm, self.placement, act, config, overflow_fix=fix, weight_ranges=weight_ranges, notes=notes
         )
         example = _with_batch(self.args, 2) if self.captured.dynamic_batch else self.args
-        return QuantizedModel(
+        quantized = QuantizedModel(
             self.gm,
             config=config,
             placement=self.placement,
@@ -218,6 +220,8 @@ class _Prepared:
             weights_fingerprint=self.fingerprint,
             macs=macs,
         )
+        remember_float_model(quantized, self.source)
+        return quantized
 
 
 def _placement_key(config: QuantConfig) -> tuple:
@@ -225,6 +229,7 @@ def _placement_key(config: QuantConfig) -> tuple:
     return (
         config.keep_float,
         config.keep_float_ops,
+        config.keep_float_nodes,
         config.fold_batchnorm,
         config.quantize_outputs,
         config.smooth_quant,
@@ -241,6 +246,7 @@ def _prepare(
     """Capture a float32 view of `model` with `example_inputs` (model inputs; with `from_data`, the first
     calibration batch, which goes through `input_fn`) and place Q/DQ.  Refuses misspelled keep_float names."""
     fingerprint = saved.weights_fingerprint(model)
+    source = _weak(model)
     model, note, half = float32_model(model)
     binder = InputBinder(model, input_fn, model_dtype=half)
     args = binder.batch(example_inputs, 0) if from_data else binder.example(example_inputs)
@@ -259,8 +265,19 @@ def _prepare(
     folded = fold_batchnorm(gm) if config.fold_batchnorm else 0
     fuse_pad_into_conv(gm)
     decompose_attention(gm)
+    check_keep_float_nodes(gm, config)
     notes = [*([note] if note else []), *kv_cache_notes(model, binder.plan, args)]
-    return _Prepared(gm, captured, place(gm, config), config, args, binder.names, folded, binder, fingerprint, notes)
+    placement = place(gm, config)
+    return _Prepared(
+        gm, captured, placement, config, args, binder.names, folded, binder, fingerprint, notes, source=source
+    )
+
+
+def _weak(model: nn.Module) -> weakref.ref | None:
+    try:
+        return weakref.ref(model)
+    except TypeError:
+        return None
 
 
 def calibrate(

@@ -1,4 +1,4 @@
-"""Command line: `eightbit quantize` and `eightbit bench`."""
+"""Command line: `eightbit quantize`, `compare`, `analyze` and `bench`."""
 
 from __future__ import annotations
 
@@ -95,7 +95,13 @@ def _config(args):
         bits=args.weight_bits, granularity=granularity, method=args.weight_method, power_of_two=args.pow2
     )
     activations = uint8_activations(method=args.method, percentile=args.percentile, power_of_two=args.pow2)
-    return QuantConfig(weights=weights, activations=activations, keep_float=tuple(args.keep_float), **_recovery(args))
+    return QuantConfig(
+        weights=weights,
+        activations=activations,
+        keep_float=tuple(args.keep_float),
+        keep_float_nodes=tuple(args.keep_float_node),
+        **_recovery(args),
+    )
 
 
 def _recovery(args) -> dict:
@@ -267,6 +273,49 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from eightbit import quantize
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; choose another folder or pass --force")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder {out.parent} does not exist; create it first")
+    if (args.max_drop is None) != (args.eval is None):
+        raise ValueError("--max-drop and --eval go together: the fallback's metric is top-1 agreement on --eval")
+    model, program_shape = _load_model(args.model)
+    batches = _batches(args, args.calib, program_shape)
+    _check_model_accepts(model, batches, program_shape, args.calib)
+    example = torch.zeros(program_shape) if program_shape else None
+    qm = quantize(model, batches, example, config=_config(args), progress=not args.quiet)
+    name = args.name or args.model.rsplit(":", 1)[-1]
+    result = qm.analyze(batches, model, batches=args.batches, progress=not args.quiet, name=name)
+    result.save(out, worst=args.worst, overwrite=args.force)
+    print(result.table())
+    print(f"wrote {out}/ (report.md, table.txt, analysis.json, PNGs)")
+    if args.max_drop is not None:
+        _fallback(args, qm, model, result.ranking, out / "fallback", program_shape)
+    return 0
+
+
+def _fallback(args, qm, model, ranking, out: Path, program_shape) -> None:
+    """Accuracy-driven fallback with top-1 agreement against the float model on the --eval inputs as metric."""
+    evaluation = list(_batches(args, args.eval, program_shape))
+    with torch.no_grad():
+        reference = [model(b).argmax(-1) for b in evaluation]
+
+    def agreement(candidate) -> float:
+        with torch.no_grad():
+            hits = sum(int((candidate(b).argmax(-1) == r).sum()) for b, r in zip(evaluation, reference, strict=True))
+        return hits / sum(len(r) for r in reference)
+
+    result = qm.fallback(
+        agreement, max_drop=args.max_drop, out=out, model=model, ranking=ranking, time_budget=args.time_budget
+    )
+    print(result.summary())
+    print(f"wrote {out}/ (log.jsonl; best/: model.onnx, encodings.json, keep_float.json)")
+
+
 class _Reiterable:
     def __init__(self, make):
         self._make = make
@@ -301,6 +350,13 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
     p.add_argument("--adaround-samples", type=int, default=64, help="calibration samples AdaRound learns from")
     p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
+    p.add_argument(
+        "--keep-float-node",
+        action="append",
+        default=[],
+        metavar="OP",
+        help="single op to keep float, by name as the summary lists it (what `analyze --max-drop` finds)",
+    )
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument(
         "--resize", type=positive_int, default=None, help="shorter side before centre crop (default size*256/224)"
@@ -347,6 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also compare accuracy-recovery steps: none, cle, adaround, cle+adaround (one calibration pass each)",
     )
     c.set_defaults(func=_cmd_compare)
+    a = sub.add_parser("analyze", help="per-layer error of the int8 model (and, with --max-drop, keep layers float)")
+    _model_and_data_args(a)
+    a.add_argument("--out", required=True, help="folder for report.md, table.txt, analysis.json and the PNGs")
+    a.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    a.add_argument("--batches", type=positive_int, default=4, help="calibration batches the analysis runs on")
+    a.add_argument("--worst", type=positive_int, default=4, help="histograms for this many most sensitive ops")
+    a.add_argument("--name", help="model name for titles (default: the factory's name)")
+    a.add_argument("--eval", help="folder of held-out inputs: the fallback's metric is top-1 agreement on them")
+    a.add_argument(
+        "--max-drop", type=float, help="keep the fewest ops float so that top-1 agreement >= 1 - this (e.g. 0.01)"
+    )
+    a.add_argument("--time-budget", type=float, help="seconds after which the fallback evaluates no new candidate")
+    a.set_defaults(func=_cmd_analyze)
     b = sub.add_parser("bench", help="fp32 vs int8 latency and throughput of an int8 ONNX model")
     b.add_argument("model", help="int8 QDQ .onnx file (its fp32 counterpart is derived by removing Q/DQ)")
     b.add_argument("--fp32", help="the fp32 .onnx to compare against (default: derived from the int8 model)")

@@ -240,6 +240,8 @@ class QuantConfig:
     keep_float: qualified submodule names (as in `model.named_modules()`) whose ops stay float; a name also
         covers everything below it.
     keep_float_ops: op families that stay float everywhere.
+    keep_float_nodes: single ops kept float, by graph node name (the "op" column of `summary()`); what the
+        accuracy-driven fallback (`eightbit.analysis.fallback`) writes, since one module may hold several ops.
     fold_batchnorm: fold eval-mode BatchNorm into the preceding conv/linear before quantizing.
     quantize_outputs: also quantize model outputs made by linear/matmul layers (left float by default: logits
         keep full precision and int8 Gemm/MatMul kernels accept float outputs).  Outputs of other ops are
@@ -259,6 +261,7 @@ class QuantConfig:
     activations: QuantSpec = field(default_factory=uint8_activations)
     keep_float: tuple[str, ...] = ()
     keep_float_ops: tuple[OpKind, ...] = ()
+    keep_float_nodes: tuple[str, ...] = ()
     fold_batchnorm: bool = True
     quantize_outputs: bool = False
     overflow_fix: OverflowFix = OverflowFix.AUTO
@@ -284,6 +287,8 @@ class QuantConfig:
             self._check_adaround()
         if isinstance(self.keep_float, str) or isinstance(self.keep_float_ops, (str, OpKind)):
             raise TypeError("keep_float and keep_float_ops take tuples, e.g. keep_float=('classifier',)")
+        if isinstance(self.keep_float_nodes, str) or not all(isinstance(n, str) for n in self.keep_float_nodes):
+            raise TypeError("keep_float_nodes takes a tuple of op names as summary() lists them, e.g. ('conv2d_3',)")
         for kind in self.keep_float_ops:
             if not isinstance(kind, OpKind):
                 raise TypeError(f"keep_float_ops takes OpKind members ({[k.value for k in OpKind]}), got {kind!r}")

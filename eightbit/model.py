@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import asdict
 
 import torch
@@ -17,6 +18,21 @@ from eightbit.graph.macs import MacReport
 from eightbit.graph.placement import Placement
 from eightbit.inputs import CallPlan
 from eightbit.saved import ENCODINGS_VERSION
+
+# QuantizedModel -> weak reference to the float model it was quantized from: analysis compares against it without
+# keeping it alive or making it part of the quantized model's state (state_dict, pickling, deepcopy).
+_FLOAT_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def remember_float_model(quantized: QuantizedModel, source: weakref.ref | None) -> None:
+    if source is not None:
+        _FLOAT_MODELS[quantized] = source
+
+
+def float_model_of(quantized: QuantizedModel) -> nn.Module | None:
+    """The float model `quantized` was made from, if the caller still holds it (else None)."""
+    ref = _FLOAT_MODELS.get(quantized)
+    return None if ref is None else ref()
 
 
 class QuantizedModel(nn.Module):
@@ -137,6 +153,23 @@ class QuantizedModel(nn.Module):
         """Save the quantization parameters as JSON (atomically); `quantize(..., encodings=path)` reuses them."""
         with atomic_path(path, overwrite) as tmp:
             tmp.write_text(json.dumps(self.encodings(), indent=1))
+
+    def analyze(self, data, model: nn.Module | None = None, **options):
+        """Per-layer error on a few batches of `data` (model inputs, as for `quantize`): each op int8 alone (the
+        sensitivity ranking) and the full int8 model tensor by tensor.  model: the float model this one was
+        quantized from (default: the one given to `quantize`, while it is alive).  Options and result:
+        `eightbit.analysis.layers.analyze`."""
+        from eightbit.analysis.layers import analyze
+
+        return analyze(self, data, model, **options)
+
+    def fallback(self, metric, *, max_drop: float, out, model: nn.Module | None = None, **options):
+        """Keep the fewest ops float until `metric(model)` (higher is better) is within `max_drop` of the float
+        model's, writing the best model so far to the folder `out` as the search goes.  Options and result:
+        `eightbit.analysis.fallback.accuracy_fallback`."""
+        from eightbit.analysis.fallback import accuracy_fallback
+
+        return accuracy_fallback(self, metric, max_drop=max_drop, out=out, model=model, **options)
 
     def summary(self) -> str:
         """The share of multiply-accumulates that run in int8 (and the largest float ops), then a table of every

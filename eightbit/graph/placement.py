@@ -209,6 +209,8 @@ def _fused_chain_end(node: fx.Node) -> fx.Node:
 
 
 def _keep_float_reason(node: fx.Node, rule: OpRule, config: QuantConfig) -> str | None:
+    if node.name in config.keep_float_nodes:
+        return "op kept float by config (keep_float_nodes)"
     if rule.kind in config.keep_float_ops:
         return f"op kind {rule.kind.value!r} kept float by config"
     path = module_path(node)
@@ -234,6 +236,18 @@ def check_keep_float(gm: fx.GraphModule, keep_float: Iterable[str], known: Itera
                 f"keep_float name {name!r} is not a module of this model; {hint} "
                 "(names are as in model.named_modules())"
             )
+
+
+def check_keep_float_nodes(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """Refuse `keep_float_nodes` names that are no op with an int8 rule in this graph (a misspelled name would keep
+    nothing float), naming the closest ones."""
+    rules = RULES[config.target]
+    names = sorted(n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in rules)
+    for name in config.keep_float_nodes:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"ops include {names[:8]}"
+            raise ValueError(f"keep_float_nodes name {name!r} is not a quantizable op of this model; {hint}")
 
 
 def place(gm: fx.GraphModule, config: QuantConfig) -> Placement:
