@@ -28,6 +28,7 @@ from eightbit.graph.utils import module_path
 from eightbit.runtime.backends import Backend, RuntimeOptions
 from eightbit.runtime.benchmark import OpCategory
 from eightbit.runtime.profile import Kernel, KernelProfile, profile_kernels
+from eightbit.runtime.speedcheck import model_feeds
 
 __all__ = ["OpTime", "SpeedReport", "compare_ops", "measure_speed", "op_owners", "quantize_without_slow_ops"]
 
@@ -277,7 +278,7 @@ def measure_speed(
         model = onnx.load(int8_path)
         fp32_path = Path(tmp) / "fp32.onnx"
         onnx.save(strip_qdq(model), fp32_path)
-        feeds = _feeds(model, batch)
+        feeds = model_feeds(model, batch)
         profiles: dict[str, list[KernelProfile]] = {"int8": [], "fp32": []}
         for i in range(max(rounds, 1)):
             order = [("int8", int8_path), ("fp32", fp32_path)]
@@ -290,26 +291,6 @@ def measure_speed(
         modules,
         margin=margin,
     )
-
-
-def _feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
-    """Random inputs of the model's input shapes at `batch` (integer inputs, e.g. token ids, get zeros)."""
-    inits = {i.name for i in model.graph.initializer}
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        tensor = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-        dims = [batch, *dims[1:]] if dims else []
-        if any(d is None for d in dims):
-            raise ValueError(f"input {value.name!r} has symbolic dims besides the batch axis ({dims})")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-        feeds[value.name] = (
-            rng.standard_normal(dims).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(dims, dtype)
-        )
-    return feeds
 
 
 def slow_modules(report: SpeedReport, qm) -> tuple[tuple[str, ...], list[str]]:

@@ -44,7 +44,8 @@ class Kernel:
 
 @dataclass(frozen=True, kw_only=True)
 class KernelProfile:
-    """Kernels of one model on one backend at one batch size, and the mean wall time of the profiled runs."""
+    """Kernels of one model on one backend at one batch size (median call of each, per run), and the median wall
+    time of the same runs."""
 
     backend: Backend
     batch: int
@@ -132,7 +133,7 @@ def _profile_ort(path: Path, feeds, options: RuntimeOptions, runs: int, warmup: 
         events = json.loads(Path(sess.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs[warmup:]]  # the timed runs only
-    per_kernel: dict[str, tuple[str, OpCategory, float]] = {}
+    per_kernel: dict[str, tuple[str, OpCategory, list[float]]] = {}
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
@@ -142,22 +143,29 @@ def _profile_ort(path: Path, feeds, options: RuntimeOptions, runs: int, warmup: 
         op = args.get("op_name", "?")
         types = [t for shape in args.get("input_type_shape", []) for t in shape]
         name = e["name"][: -len("_kernel_time")]
-        _, _, us = per_kernel.get(name, (op, None, 0.0))
-        per_kernel[name] = (op, categorize_op(op, types), us + e["dur"])
+        per_kernel.setdefault(name, (op, categorize_op(op, types), []))[2].append(e["dur"])
     n = max(len(windows), 1)
     kernels = tuple(
-        Kernel(name=name, op_type=op, category=cat, sources=ort_sources(name, names), ms=us / 1000.0 / n)
+        Kernel(name=name, op_type=op, category=cat, sources=ort_sources(name, names), ms=_per_run_ms(us, n))
         for name, (op, cat, us) in per_kernel.items()
     )
     return KernelProfile(backend=Backend.ORT, batch=_batch(feeds), kernels=kernels, wall_ms=wall, runs=runs)
 
 
 def _timed(call, runs: int) -> float:
-    """Mean wall milliseconds of `runs` calls."""
-    t0 = time.perf_counter()
+    """Median wall milliseconds of `runs` calls."""
+    times = []
     for _ in range(runs):
+        t0 = time.perf_counter()
         call()
-    return (time.perf_counter() - t0) * 1000.0 / runs
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0
+
+
+def _per_run_ms(durations_us: list[float], runs: int) -> float:
+    """Milliseconds per run of a kernel from its durations over `runs` runs: the median call (robust to the
+    stalls of a shared machine) times the calls per run."""
+    return float(np.median(durations_us)) / 1000.0 * len(durations_us) / runs
 
 
 # OpenVINO's node types that only move or re-lay out data, and those that convert between int8 and float.
@@ -200,25 +208,35 @@ def _profile_openvino(path: Path, feeds, options: RuntimeOptions, runs: int, war
     for _ in range(warmup):
         request.infer(ordered, share_inputs=True)
     originals = _ov_original_names(compiled, set(onnx_node_names(path)))
-    totals: dict[str, tuple[str, OpCategory, float]] = {}
-    wall = 0.0
+    # The CPU plugin's counters are running means over every inference of the request (measured: a kernel's
+    # value falls from its first, slow call towards its steady time run after run), so the timed runs' mean is
+    # recovered from the totals before and after them.
+    before = _ov_counters(request)
+    wall = []
     for _ in range(runs):
         t0 = time.perf_counter()
         request.infer(ordered, share_inputs=True)
-        wall += time.perf_counter() - t0
-        for info in request.profiling_info:  # counters of the last inference
-            if info.status != info.Status.EXECUTED:
-                continue
-            _, _, us = totals.get(info.node_name, ("", None, 0.0))
-            us += info.real_time.total_seconds() * 1e6
-            totals[info.node_name] = (info.node_type, ov_category(info.node_type, info.exec_type), us)
-    kernels = tuple(
-        Kernel(name=name, op_type=op, category=cat, sources=originals.get(name, ()), ms=us / 1000.0 / runs)
-        for name, (op, cat, us) in totals.items()
-    )
-    return KernelProfile(
-        backend=Backend.OPENVINO, batch=_batch(feeds), kernels=kernels, wall_ms=wall * 1000.0 / runs, runs=runs
-    )
+        wall.append(time.perf_counter() - t0)
+    after = _ov_counters(request)
+    kernels = []
+    for name, (op, category, mean_us) in after.items():
+        us = (mean_us * (warmup + runs) - before.get(name, (op, category, 0.0))[2] * warmup) / runs
+        kernels.append(
+            Kernel(name=name, op_type=op, category=category, sources=originals.get(name, ()), ms=max(us, 0.0) / 1e3)
+        )
+    kernels = tuple(kernels)
+    wall_ms = float(np.median(wall)) * 1000.0  # robust to the stalls of a shared machine
+    return KernelProfile(backend=Backend.OPENVINO, batch=_batch(feeds), kernels=kernels, wall_ms=wall_ms, runs=runs)
+
+
+def _ov_counters(request) -> dict[str, tuple[str, OpCategory, float]]:
+    """Executed primitive -> (type, category, microseconds) as the request's performance counters report it."""
+    out = {}
+    for info in request.profiling_info:
+        if info.status == info.Status.EXECUTED:
+            category = ov_category(info.node_type, info.exec_type)
+            out[info.node_name] = (info.node_type, category, info.real_time.total_seconds() * 1e6)
+    return out
 
 
 def _ov_original_names(compiled, known: set[str]) -> dict[str, tuple[str, ...]]:
