@@ -254,9 +254,30 @@ class _Reiterable:
 
 
 def _cmd_bench(args) -> int:
-    from eightbit.runtime.cli import bench_cli
+    from eightbit.runtime.cli import bench_cli, check_quantized, load_onnx
 
-    return bench_cli(args)
+    if not args.sweep:
+        return bench_cli(args)
+    from eightbit.analysis.sweep import format_points, run_sweep
+    from eightbit.runtime.backends import Backend
+    from eightbit.runtime.sweep import parse_batches
+
+    batches = parse_batches(args.sweep)
+    model = Path(args.model)
+    check_quantized(load_onnx(model, "int8"), model)
+    out_dir = Path(args.report or f"{model.stem}_sweep")
+    report, points = run_sweep(
+        model,
+        batches,
+        [Backend(b) for b in args.backends],
+        out_dir,
+        fp32_path=args.fp32,
+        threads=args.threads,
+        progress=None if args.quiet else print,
+    )
+    print(format_points(points))
+    print(f"wrote {report} (and its PNGs)")
+    return 0
 
 
 def _model_and_data_args(p: argparse.ArgumentParser) -> None:
@@ -349,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     b.add_argument("--iters", type=positive_int, default=30)
     b.add_argument("--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category")
+    b.add_argument(
+        "--sweep",
+        metavar="B1,B2,...",
+        help="batch sweep, e.g. 1,2,4,8,16,32,64,128: latency, throughput, speedup and the time split per batch "
+        "size and runtime, written as a Markdown report with PNGs",
+    )
+    b.add_argument("--report", metavar="DIR", help="folder for the sweep report (default: <model>_sweep)")
+    b.add_argument("--quiet", action="store_true", help="no per-batch progress lines during a sweep")
     b.set_defaults(func=_cmd_bench)
     return parser
 
