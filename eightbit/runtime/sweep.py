@@ -63,12 +63,13 @@ def sweep(
     feeds_for: Callable[[int], dict[str, np.ndarray]],
     *,
     threads: int = 2,
-    iters: Callable[[int], tuple[int, int, int]] = default_iters,
+    iters: Callable[[int], tuple[int, int, int]] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[SweepPoint]:
     """Time and profile both models at every batch size on every backend.  Timing interleaves the two models
     (A B / B A blocks, see `time_interleaved`) so that the speedup is a side-by-side ratio; the profile of each
     model is a separate pass (profilers slow kernels down a little, so its times feed only the split)."""
+    iters = iters or default_iters
     options = RuntimeOptions(threads=threads)
     points = []
     for backend in backends:
