@@ -9,6 +9,7 @@ writes it.
 from __future__ import annotations
 
 import platform
+import re
 import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -143,7 +144,7 @@ def write_report(
     Returns the Markdown file's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_name)
+    stem = re.sub(r"[^A-Za-z0-9-]+", "_", model_name).strip("_") or "model"
     images = [plot_speedup(points, out_dir / f"{stem}_speedup.png", model_name)]
     for backend in dict.fromkeys(p.backend for p in points):
         images.append(plot_split(points, out_dir / f"{stem}_split_{backend.name.lower()}.png", model_name, backend))
@@ -186,9 +187,12 @@ def run_sweep(
     model_name: str | None = None,
     threads: int = 2,
     note: str = "",
+    feeds_for=None,
     progress=None,
 ) -> tuple[Path, list[SweepPoint]]:
-    """Sweep an int8 QDQ ONNX file against its fp32 twin (Q/DQ stripped, or `fp32_path`) and write the report."""
+    """Sweep an int8 QDQ ONNX file against its fp32 twin (Q/DQ stripped, or `fp32_path`) and write the report.
+    feeds_for: batch -> inputs; default random inputs of the file's input shapes (which must be static apart from
+    the batch axis; give feeds_for for e.g. a dynamic sequence length)."""
     int8_path = Path(int8_path)
     model = onnx.load(int8_path)
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +204,7 @@ def run_sweep(
             fp32_path,
             backends,
             batches,
-            lambda b: model_feeds(model, b),
+            feeds_for or (lambda b: model_feeds(model, b)),
             threads=threads,
             progress=progress,
         )
