@@ -158,7 +158,14 @@ def _cmd_quantize(args) -> int:
     _check_model_accepts(model, batches, program_shape, args.calib)
     # A saved program is captured at the shape it was exported with (it may accept no other batch size).
     example = torch.zeros(program_shape) if program_shape else None
-    qm = quantize(model, batches, example, config=config, progress=not args.quiet)
+    if args.keep_slow_float:  # profile every quantized op on ORT; re-quantize with the slower ones' modules float
+        from eightbit.analysis.speed import quantize_without_slow_ops
+
+        qm, _ = quantize_without_slow_ops(
+            model, batches, example, config=config, batch=args.deploy_batch, progress=not args.quiet
+        )
+    else:
+        qm = quantize(model, batches, example, config=config, progress=not args.quiet)
     with tempfile.TemporaryDirectory() as tmp:
         try:  # written to a temporary file first: a model refused for its parity or speed leaves no file
             report = qm.export_onnx(Path(tmp) / "model.onnx", check=not args.no_parity_check)
@@ -331,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-slower",
         action="store_true",
         help="write the int8 model even when it is slower than fp32 at --deploy-batch (by default it is refused)",
+    )
+    q.add_argument(
+        "--keep-slow-float",
+        action="store_true",
+        help="profile every quantized op against its float version at --deploy-batch and keep the modules of the "
+        "ops whose int8 version is slower float (quantizes twice)",
     )
     q.add_argument(
         "--no-speed-check",

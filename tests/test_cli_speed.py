@@ -67,3 +67,12 @@ def test_a_faster_int8_model_is_written_with_its_speedup(tmp_path, capsys, monke
     np.save(folder / "0.npy", np.ones(8, np.float32))
     assert main(_args(folder, tmp_path / "m.onnx")) == 0
     assert "int8 is 2.00x faster" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::eightbit.MostlyFloatWarning")  # keeping the slow linears float is the point
+def test_keep_slow_float_requantizes_with_the_slow_modules_float(vector_folder, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(_args(vector_folder, out, "--keep-slow-float", "--allow-slower", "--verbose")) == 0
+    printed = capsys.readouterr().out
+    assert "kept float because their int8 version was slower" in printed
+    assert "kept float by config" in printed and out.exists()

@@ -1,6 +1,6 @@
-"""Insight into a quantized model: accuracy metrics and the calibration-method comparison (`eightbit compare`), and the
-MCU/NPU deployment report of an int8 .tflite (`deployment`); PNG figures
-written atomically (`figures`).
+"""Insight into a quantized model: accuracy metrics and the calibration-method comparison (`eightbit compare`), the
+MCU/NPU deployment report of an int8 .tflite (`deployment`), per-op int8 vs float time and the speed-driven fallback
+(`speed`), the batch-sweep report (`sweep`, `eightbit bench --sweep`); PNG figures written atomically (`figures`).
 
 May import anything else in eightbit.  Never `cli` or `demos`.
 """
