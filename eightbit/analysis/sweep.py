@@ -8,10 +8,12 @@ writes it.
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,7 +109,7 @@ def plot_split(points: Sequence[SweepPoint], path: Path, model_name: str, backen
     ax.set_xlabel("batch size (left bar int8, right hatched bar fp32)")
     ax.set_ylabel("share of the call's wall time (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{model_name}: where the time goes per batch size ({backend.value}, CPU)")
+    ax.set_title(f"{model_name}: where the time goes per batch size\n({backend.value}, CPU, share of wall time)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return save_png(fig, path)
 
@@ -171,10 +173,33 @@ def write_report(
         "",
         *(f"![time split]({image.name})\n" for image in images[1:]),
     ]
+    lines += ["", f"Raw numbers (ms per call, every kernel): [{stem}_sweep.json]({stem}_sweep.json)."]
+    with atomic_path(out_dir / f"{stem}_sweep.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps({"model": model_name, "cpu": cpu_description(), "threads": threads,
+                                   "points": [point_dict(p) for p in points]}, indent=1))  # fmt: skip
     path = out_dir / f"{stem}_sweep.md"
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path
+
+
+def point_dict(point: SweepPoint) -> dict:
+    """A sweep point as JSON-ready data: timings, splits and every kernel of both models."""
+
+    def profile(p) -> dict:
+        kernels = [{"name": k.name, "op_type": k.op_type, "category": k.category.value, "sources": list(k.sources),
+                    "ms": k.ms} for k in p.kernels]  # fmt: skip
+        return {"wall_ms": p.wall_ms, "runs": p.runs, "split_ms": p.split(), "kernels": kernels}
+
+    return {
+        "backend": point.backend.value,
+        "batch": point.batch,
+        "speedup": point.speedup,
+        "fp32": asdict(point.fp32),
+        "int8": asdict(point.int8),
+        "fp32_profile": profile(point.fp32_profile),
+        "int8_profile": profile(point.int8_profile),
+    }
 
 
 def run_sweep(

@@ -1,5 +1,6 @@
 """Batch-sweep report: table, time split, CPU flags, and PNGs that are real images."""
 
+import json
 import re
 
 import pytest
@@ -68,6 +69,8 @@ def test_report_embeds_valid_pngs_and_records_the_cpu(swept):
     assert "| onnxruntime | 2 |" in text and "| openvino | 1 |" in text
     assert all(key in text for key in SPLIT_KEYS) and OVERHEAD in SPLIT_KEYS
     assert not list(report.parent.glob("*.tmp*"))
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert len(data["points"]) == 4 and data["points"][0]["int8_profile"]["kernels"]
 
 
 def test_cli_sweep_writes_the_report(residual_onnx, tmp_path, capsys, monkeypatch):
