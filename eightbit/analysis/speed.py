@@ -89,7 +89,12 @@ class SpeedReport:
             f"({ratio:.2f}x the time); layout/reorder kernels tied to no op: {self.unattributed_ms:.3f} ms"
         ]
         slow = self.slow_ops
-        if not slow:
+        if not self.ops and not self.unmatched:
+            out.append(
+                "  no kernel could be tied to a quantized op (the ONNX file carries no eightbit op names: written by "
+                "the dynamo exporter or another tool)"
+            )
+        elif not slow:
             out.append("  no quantized op is slower in int8 than in float")
         for o in slow:
             out.append(
@@ -182,23 +187,18 @@ def onnx_owners(model: onnx.ModelProto, gm: fx.GraphModule, owners: Mapping[str,
     return out
 
 
-def _kernel_owner(kernel: Kernel, owner_of: Mapping[str, str], quantized: set[str]) -> str | None:
-    """The quantized op a kernel belongs to; a kernel that fuses an op's compute node with a neighbour's Q/DQ
-    belongs to the op it computes."""
-    owned = [owner_of[s] for s in kernel.sources if s in owner_of]
-    if not owned:
-        return None
-    compute = [o for s, o in zip(kernel.sources, owned, strict=False) if o in quantized and s in owner_of]
-    return compute[0] if compute else owned[0]
+def _kernel_owner(kernel: Kernel, owner_of: Mapping[str, str]) -> str | None:
+    """The quantized op a kernel belongs to: that of the first ONNX node it executes that has one (OpenVINO lists
+    the node a fused primitive computes first, then the Q/DQ folded into it)."""
+    return next((owner_of[s] for s in kernel.sources if s in owner_of), None)
 
 
 def per_op_ms(profile: KernelProfile, owner_of: Mapping[str, str]) -> tuple[dict[str, tuple[float, float]], float]:
     """Quantized op -> (ms, Q/DQ ms) per run, and the ms of layout kernels tied to no ONNX node."""
-    quantized = set(owner_of.values())
     times: dict[str, tuple[float, float]] = {}
     unattributed = 0.0
     for k in profile.kernels:
-        owner = _kernel_owner(k, owner_of, quantized)
+        owner = _kernel_owner(k, owner_of)
         if owner is None:
             if not k.sources and k.category is OpCategory.LAYOUT:
                 unattributed += k.ms

@@ -142,3 +142,10 @@ def test_a_top_level_op_cannot_be_kept_float_alone():
     keep, notes = slow_modules(compare_ops(int8, fp32, owner_of), qm)
     assert keep == ("conv",)
     assert notes == ["add is not kept float: its module (top level) also holds fast int8 ops"]
+
+
+def test_a_file_without_eightbit_op_names_says_so_instead_of_reporting_nothing_slow():
+    int8 = _profile([_kernel("MatMul_1", OpCategory.INT8_COMPUTE, 1.0, "MatMul_1")], 1.0)
+    fp32 = _profile([_kernel("MatMul_1", OpCategory.FLOAT_COMPUTE, 0.1, "MatMul_1")], 0.2)
+    text = str(compare_ops(int8, fp32, owner_of={}))
+    assert "no kernel could be tied to a quantized op" in text and "no quantized op is slower" not in text
