@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo demo-text demo-mcu demo-qat test test-fast lint bench bench-text clean
+.PHONY: setup demo demo-text demo-mcu demo-qat test test-fast lint bench bench-text bench-sweep clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,9 @@ bench: setup
 bench-text: setup
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python bench/run_text.py
+
+bench-sweep: setup
+	$(BIN)/python bench/sweep.py --batches 1,2,4,8,16,32,64,128
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

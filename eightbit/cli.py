@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -206,7 +208,7 @@ def _check_model_accepts(model: torch.nn.Module, batches, program_shape, folder)
 
 def _cmd_quantize(args) -> int:
     from eightbit import quantize
-    from eightbit.fileio import check_output_path
+    from eightbit.fileio import atomic_path, check_output_path
 
     check_output_path(args.out, args.force)  # fail before the slow work
     if args.encodings:
@@ -224,10 +226,28 @@ def _cmd_quantize(args) -> int:
     _check_model_accepts(model, batches, program_shape, args.calib)
     # A saved program is captured at the shape it was exported with (it may accept no other batch size).
     example = torch.zeros(program_shape) if program_shape else None
-    qm = quantize(model, batches, example, config=config, progress=not args.quiet)
-    report = qm.export_onnx(args.out, overwrite=args.force, check=not args.no_parity_check)
-    print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
-    print(f"wrote {report.path} ({report.size_bytes / 1e6:.2f} MB)")
+    if args.keep_slow_float:  # profile every quantized op on ORT; re-quantize with the slower ones' modules float
+        from eightbit.analysis.speed import quantize_without_slow_ops
+
+        qm, _ = quantize_without_slow_ops(
+            model, batches, example, config=config, batch=args.deploy_batch, progress=not args.quiet
+        )
+    else:
+        qm = quantize(model, batches, example, config=config, progress=not args.quiet)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:  # written to a temporary file first: a model refused for its parity or speed leaves no file
+            report = qm.export_onnx(Path(tmp) / "model.onnx", check=not args.no_parity_check)
+        except ParityError as exc:
+            raise ParityError(exc.report, args.out) from None
+        check = _speed_check(args, qm, report.path)
+        print(qm.summary() if args.verbose else qm.summary().split("\n\n")[0])
+        if check is not None:
+            print(check.line())
+            if check.slower and args.allow_slower:
+                print(f"WARNING: int8 is slower than fp32; written because of --allow-slower. {check.advice()}")
+        with atomic_path(args.out, args.force) as out:
+            shutil.copyfile(report.path, out)
+    print(f"wrote {args.out} ({report.size_bytes / 1e6:.2f} MB)")
     if report.parity is not None:
         print(report.parity)
     if args.tflite:
@@ -238,6 +258,37 @@ def _cmd_quantize(args) -> int:
         qm.save_encodings(args.encodings, overwrite=args.force)
         print(f"wrote {args.encodings}")
     return 0
+
+
+class SlowerThanFloatError(ValueError):
+    """The int8 model is slower than its float twin at the user's batch size; nothing was written."""
+
+
+def _speed_check(args, qm, path: Path):
+    """Time the exported int8 model against its float twin on ONNX Runtime at --deploy-batch (None when skipped).
+    When int8 is slower, profile every op so that `summary()` names the slow ones, and refuse unless
+    --allow-slower."""
+    from eightbit.runtime.speedcheck import SKIP_ENV, compare_with_float, speed_check_skipped
+
+    if args.no_speed_check or speed_check_skipped():
+        return None
+    try:
+        check = compare_with_float(path, args.deploy_batch)
+    except ValueError as exc:  # inputs with symbolic sizes besides the batch: no shape to time the model at
+        print(f"speed check skipped: {exc}")
+        return None
+    if check.slower:
+        qm.measure_speed(batch=args.deploy_batch)  # which ops, by how much (printed by summary())
+        if not args.allow_slower:
+            slow = ", ".join(f"{o.op} ({o.module or 'top level'}, {o.ratio:.2f}x)" for o in qm.speed.slow_ops)
+            slow = slow or "none alone (the Q/DQ and layout kernels between ops add up)"
+            raise SlowerThanFloatError(
+                f"not writing {args.out}: the int8 model is {check.ratio:.2f}x the time of fp32 "
+                f"({check.int8.median_ms:.3f} vs {check.fp32.median_ms:.3f} ms per call on {check.backend.value}, "
+                f"batch {args.deploy_batch}). Ops slower in int8: {slow}. {check.advice()} (or set {SKIP_ENV}=1 to "
+                "skip this check)"
+            )
+    return check
 
 
 def _cmd_compare(args) -> int:
@@ -325,9 +376,30 @@ class _Reiterable:
 
 
 def _cmd_bench(args) -> int:
-    from eightbit.runtime.cli import bench_cli
+    from eightbit.runtime.cli import bench_cli, check_quantized, load_onnx
 
-    return bench_cli(args)
+    if not args.sweep:
+        return bench_cli(args)
+    from eightbit.analysis.sweep import format_points, run_sweep
+    from eightbit.runtime.backends import Backend
+    from eightbit.runtime.sweep import parse_batches
+
+    batches = parse_batches(args.sweep)
+    model = Path(args.model)
+    check_quantized(load_onnx(model, "int8"), model)
+    out_dir = Path(args.report or f"{model.stem}_sweep")
+    report, points = run_sweep(
+        model,
+        batches,
+        [Backend(b) for b in args.backends],
+        out_dir,
+        fp32_path=args.fp32,
+        threads=args.threads,
+        progress=None if args.quiet else print,
+    )
+    print(format_points(points))
+    print(f"wrote {report} (and its PNGs)")
+    return 0
 
 
 def _model_and_data_args(p: argparse.ArgumentParser) -> None:
@@ -379,6 +451,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tflite", help="also write a fully int8 .tflite here (LiteRT, TFLite Micro; needs [tflite])")
     q.add_argument("--verbose", action="store_true", help="print the per-op table")
     q.add_argument(
+        "--deploy-batch",
+        type=positive_int,
+        default=1,
+        help="batch size the model will run at: the int8 model is timed against fp32 on ONNX Runtime at this size",
+    )
+    q.add_argument(
+        "--allow-slower",
+        action="store_true",
+        help="write the int8 model even when it is slower than fp32 at --deploy-batch (by default it is refused)",
+    )
+    q.add_argument(
+        "--keep-slow-float",
+        action="store_true",
+        help="profile every quantized op against its float version at --deploy-batch and keep the modules of the "
+        "ops whose int8 version is slower float (quantizes twice)",
+    )
+    q.add_argument(
+        "--no-speed-check",
+        action="store_true",
+        help="skip the int8-vs-fp32 timing (also: environment EIGHTBIT_SKIP_SPEED_CHECK=1)",
+    )
+    q.add_argument(
         "--no-parity-check",
         action="store_true",
         help="write the ONNX file without running it on ONNX Runtime (by default a file that disagrees with the "
@@ -424,6 +518,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"])
     b.add_argument("--iters", type=positive_int, default=30)
     b.add_argument("--breakdown", action="store_true", help="show where ONNX Runtime spends time, per op category")
+    b.add_argument(
+        "--sweep",
+        metavar="B1,B2,...",
+        help="batch sweep, e.g. 1,2,4,8,16,32,64,128: latency, throughput, speedup and the time split per batch "
+        "size and runtime, written as a Markdown report with PNGs",
+    )
+    b.add_argument("--report", metavar="DIR", help="folder for the sweep report (default: <model>_sweep)")
+    b.add_argument("--quiet", action="store_true", help="no per-batch progress lines during a sweep")
     b.set_defaults(func=_cmd_bench)
     return parser
 

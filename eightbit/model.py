@@ -75,6 +75,16 @@ class QuantizedModel(nn.Module):
         self.macs = macs or MacReport()  # multiply-accumulates per conv/linear/matmul, int8 or float (and why)
         self._example_args = example_args
         self.call_plan = call_plan  # forward()'s signature and the constants fixed at capture
+        self.speed = None  # per-op int8 vs float times (analysis.speed.SpeedReport) once measured
+
+    def measure_speed(self, *, batch: int = 1, backend: str = "onnxruntime", threads: int = 2):
+        """Profile every quantized op of the ONNX export against the same op in its float twin on ONNX Runtime or
+        OpenVINO at `batch`; ops whose int8 version (with its Q/DQ) is slower are listed by `summary()` and kept
+        float by `eightbit.analysis.speed.quantize_without_slow_ops`.  Returns the SpeedReport."""
+        from eightbit.analysis.speed import measure_speed
+
+        self.speed = measure_speed(self, batch=batch, backend=backend, threads=threads)
+        return self.speed
 
     def forward(self, *args, **kwargs):
         """Takes the inputs the float model's forward() takes (positional, by keyword, through its **kwargs);
@@ -186,6 +196,7 @@ class QuantizedModel(nn.Module):
             + ("" if self.smooth_alpha is None else f"; SmoothQuant alpha {self.smooth_alpha}"),
             f"int8 ops: {len(self.placement.quantized_ops)}; float ops: {len(self.placement.float_ops)}",
             *(f"note: {n}" for n in self.notes),
+            *(self.speed.lines() if self.speed is not None else []),
             "",
         ]
         rows = [(name, rule.kind.value, "int8", "") for name, rule in self.placement.quantized_ops.items()]

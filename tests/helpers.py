@@ -75,3 +75,17 @@ def tiny_bert_encoder(vocab_size: int = 120, *, pooling_layer: bool = False):
         max_position_embeddings=64,
     )
     return SentenceEncoder(transformers.BertModel(config, add_pooling_layer=pooling_layer)).eval()
+
+
+class LinearGeluChain(nn.Module):
+    """Tiny linears separated by float GELUs: every int8 linear needs its own QuantizeLinear, which costs more than
+    the 8x8 matmul saves, so the int8 model is slower than fp32 by a wide margin (about 2x per op on ORT)."""
+
+    def __init__(self, width: int = 8, depth: int = 16):
+        super().__init__()
+        self.fcs = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for fc in self.fcs:
+            x = nn.functional.gelu(fc(x))
+        return x

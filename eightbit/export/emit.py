@@ -70,6 +70,8 @@ def _recorded_meta(gm: fx.GraphModule, example_args: tuple) -> dict | None:
     return meta
 
 
+# ONNX nodes' doc_string: this prefix + the name of the graph op (QuantizedModel.graph_module) that emitted them.
+SOURCE_OP_PREFIX = "eightbit op: "
 _SKIPPED = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 
 
@@ -83,7 +85,10 @@ def _emit_node(em: Emitter, node: fx.Node) -> None:
     handler = HANDLERS.get(node.target)
     if handler is None:
         raise Unsupported(str(node.target))
+    first = len(em.nodes)
     em.names[node] = handler(em, node)
+    for onnx_node in em.nodes[first:]:  # which graph op each ONNX node comes from (per-op profiles map back)
+        onnx_node.doc_string = f"{SOURCE_OP_PREFIX}{node.name}"
 
 
 def emit_model(
