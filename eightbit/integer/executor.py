@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eightbit.integer import kernels
+from eightbit.integer import kernels, nonlinear
 from eightbit.integer.fixed_point import quantize_value
 from eightbit.integer.kernels import Accumulator, AccumulatorStats
 
@@ -53,6 +53,8 @@ class IntegerReference:
         "QUANTIZE",
         "DEQUANTIZE",
         "HARD_SWISH",
+        "LOGISTIC",
+        "SOFTMAX",
     )
 
     def __init__(self, model: bytes, accumulator: Accumulator | None = None):
@@ -235,3 +237,10 @@ class IntegerReference:
     def _op_dequantize(self, i, op, values):
         scale, zp = self.params(int(op.inputs[0]))
         return (self._input(op, 0, values).astype(np.float32) - zp) * scale
+
+    def _op_logistic(self, i, op, values):
+        return nonlinear.logistic(self._input(op, 0, values), self.params(int(op.inputs[0])))
+
+    def _op_softmax(self, i, op, values):
+        beta = op.builtinOptions.beta if op.builtinOptions is not None else 1.0
+        return nonlinear.softmax(self._input(op, 0, values), self.params(int(op.inputs[0])), beta)
