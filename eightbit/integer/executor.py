@@ -80,6 +80,11 @@ class IntegerReference:
     def _tensor(self, index: int):
         return self.graph.tensors[index]
 
+    def tensor_type(self, index: int) -> str:
+        """The tensor's element type as the schema names it ("INT8", "INT32", "FLOAT32")."""
+        types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        return types[self._tensor(index).type]
+
     def params(self, index: int) -> tuple[np.float32, int]:
         q = self._tensor(index).quantization
         return np.float32(q.scale[0]), int(q.zeroPoint[0])
@@ -114,11 +119,16 @@ class IntegerReference:
         for index, value in zip(self.graph.inputs, inputs, strict=True):
             values[int(index)] = np.asarray(value)
         for i, op in enumerate(self.graph.operators):
-            out = int(op.outputs[0])
-            result = self._run_op(i, op, values)
-            dtype = np.float32 if self._tensor(out).type == schema.TensorType.FLOAT32 else np.int8
-            values[out] = result.astype(dtype).reshape(self._tensor(out).shape)
+            values[int(op.outputs[0])] = self.run_operator(i, values)
         return [values[int(i)] for i in self.graph.outputs], values
+
+    def run_operator(self, index: int, values: dict[int, np.ndarray]) -> np.ndarray:
+        """Operator `index` alone on the tensors in `values` (tensor index -> array): its output tensor.  Used to
+        check another runtime's kernel on that runtime's own inputs."""
+        op = self.graph.operators[index]
+        out = int(op.outputs[0])
+        dtype = np.float32 if self._tensor(out).type == schema.TensorType.FLOAT32 else np.int8
+        return self._run_op(index, op, values).astype(dtype).reshape(self._tensor(out).shape)
 
     def _input(self, op, k: int, values) -> np.ndarray:
         index = int(op.inputs[k])
