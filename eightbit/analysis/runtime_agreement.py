@@ -19,6 +19,8 @@ import numpy as np
 from eightbit.export.tflite_run import LiteRTKernels, litert_interpreter, run_tflm, with_every_output
 from eightbit.integer.executor import IntegerReference
 
+_DOT = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
 
 @dataclass
 class Mismatch:
@@ -33,11 +35,14 @@ class Mismatch:
 
 @dataclass
 class KernelError:
-    """One operator type's outputs against TFLM's kernel on the same inputs (codes)."""
+    """One operator type's outputs against TFLM's kernel on the same inputs (codes).  For dot products, of the
+    values that differ: how many times LiteRT's and TFLM's value is the exact result correctly rounded."""
 
     max_codes: int = 0
     differing: int = 0
     total: int = 0
+    litert_correct: int = 0
+    tflm_correct: int = 0
 
 
 @dataclass
@@ -77,7 +82,15 @@ class RuntimeAgreement:
         alone = f"each kernel alone (on LiteRT's own inputs) within {self.worst_kernel_codes} code(s) of TFLM's" + (
             f": {kernels}" if kernels else ""
         )
-        return f"{head}\n  {where}; {alone}"
+        lines = [head, f"  {where}; {alone}"]
+        litert = sum(e.litert_correct for e in self.kernel_errors.values())
+        tflm = sum(e.tflm_correct for e in self.kernel_errors.values())
+        if litert or tflm:
+            lines.append(
+                f"  where a dot-product kernel differs, the correctly rounded value is LiteRT's in {litert} and "
+                f"TFLM's in {tflm} cases"
+            )
+        return "\n".join(lines)
 
 
 def _tensors(interp, indices) -> dict[int, np.ndarray]:
@@ -149,7 +162,13 @@ def _kernel_errors(reference: IntegerReference, sample, ours, errors: dict[str, 
         index = int(op.outputs[0])
         want = reference.run_operator(i, values).reshape(-1).astype(np.int64)
         diff = np.abs(ours[index].reshape(-1).astype(np.int64) - want)
-        error = errors.setdefault(reference.op_name(i), KernelError())
+        name = reference.op_name(i)
+        error = errors.setdefault(name, KernelError())
         error.max_codes = max(error.max_codes, int(diff.max(initial=0)))
         error.differing += int((diff > 0).sum())
         error.total += diff.size
+        if diff.any() and name in _DOT:
+            differs = diff > 0
+            rounded = np.floor(reference.exact_output(i, values).reshape(-1)[differs] + 0.5)
+            error.litert_correct += int((ours[index].reshape(-1)[differs] == rounded).sum())
+            error.tflm_correct += int((want[differs] == rounded).sum())

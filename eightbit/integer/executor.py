@@ -148,7 +148,28 @@ class IntegerReference:
         handler = getattr(self, f"_op_{name.lower()}")
         return handler(i, op, values)
 
+    _DOT_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "fc"}
+
     def _dot(self, i, op, values, kind: str) -> np.ndarray:
+        acc, mults, shifts, zo, lo, hi = self._dot_accumulator(i, op, values, kind)
+        return kernels.requantize(acc, mults, shifts, zo, lo, hi)
+
+    def exact_output(self, index: int, values: dict[int, np.ndarray]) -> np.ndarray:
+        """A dot-product operator's output code before rounding, in double precision: the int32 accumulator times
+        input scale x weight scale / output scale (exact scales) plus the zero point, clamped to the fused
+        activation's range.  Tells which of two runtimes that differ by one code rounded correctly."""
+        op = self.graph.operators[index]
+        kind = self._DOT_KINDS.get(self.op_name(index))
+        if kind is None:
+            raise ValueError(f"operator {index} is a {self.op_name(index)}, not one of {list(self._DOT_KINDS)}")
+        acc, _, _, zo, lo, hi = self._dot_accumulator(index, op, values, kind)
+        (si, _), (so, _) = self.params(int(op.inputs[0])), self.params(int(op.outputs[0]))
+        scales = np.array(self._tensor(int(op.inputs[1])).quantization.scale, dtype=np.float64)
+        real = acc.astype(np.float64) * (float(si) * np.broadcast_to(scales, (acc.shape[-1],)) / float(so)) + zo
+        return np.clip(real, lo, hi).reshape(self._tensor(int(op.outputs[0])).shape)
+
+    def _dot_accumulator(self, i, op, values, kind: str):
+        """The int32 accumulators (bias included) and the requantization parameters of a dot-product operator."""
         x, filt, bias = (self._input(op, k, values) for k in range(3))
         (si, zi), (so, zo) = self.params(int(op.inputs[0])), self.params(int(op.outputs[0]))
         wq = self._tensor(int(op.inputs[1])).quantization
@@ -175,7 +196,7 @@ class IntegerReference:
         channels = acc.shape[-1]
         scales = list(wq.scale) if len(wq.scale) > 1 else list(wq.scale) * channels
         mults, shifts = kernels.channel_multipliers(si, np.float32(scales), so)
-        return kernels.requantize(acc, mults, shifts, zo, lo, hi)
+        return acc, mults, shifts, zo, lo, hi
 
     def _op_conv_2d(self, i, op, values):
         return self._dot(i, op, values, "conv")

@@ -64,6 +64,9 @@ def test_litert_kernel_sets_against_tflm():
         assert set(r.kernel_errors) >= {"CONV_2D", "DEPTHWISE_CONV_2D", "AVERAGE_POOL_2D"}
         if r.max_codes:  # an output that differs has a first operator that differs
             assert r.first_divergence is not None
+        for op in ("CONV_2D", "DEPTHWISE_CONV_2D"):  # within 1 code: one of the two is the correctly rounded value
+            e = r.kernel_errors[op]
+            assert e.litert_correct + e.tflm_correct == e.differing
     reference = results[LiteRTKernels.REFERENCE]
     assert reference.max_codes <= 1 and reference.top1_flips == 0
     assert "LiteRT reference vs TFLM" in str(reference)
@@ -95,3 +98,20 @@ def test_report_cli(tmp_path, capsys):
     assert "int8 input codes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli(["report", str(path)])  # --target is required
+
+
+def test_exact_output_is_the_reference_before_rounding():
+    import numpy as np
+
+    from eightbit.integer.executor import IntegerReference
+
+    model, samples = _tiny("conv_variants")
+    reference = IntegerReference(model)
+    _, values = reference.run(samples[0])
+    dots = [i for i in range(len(reference.graph.operators)) if reference.op_name(i) == "CONV_2D"]
+    for i in dots:
+        exact = reference.exact_output(i, values)
+        codes = values[int(reference.graph.operators[i].outputs[0])].astype(np.float64)
+        assert np.abs(codes - exact).max() < 0.55  # TFLM's double rounding can miss by a little over half a code
+    with pytest.raises(ValueError, match="not one of"):
+        reference.exact_output(len(reference.graph.operators) - 1, values)  # AVERAGE_POOL_2D
