@@ -23,6 +23,7 @@ from eightbit.analysis.runtime_agreement import compare_runtimes
 from eightbit.demos import zoo
 from eightbit.export.tflite import input_codes
 from eightbit.export.tflite_run import LiteRTKernels, run_litert, run_tflm
+from eightbit.fileio import atomic_path
 from eightbit.integer.executor import IntegerReference
 from eightbit.runtime import hw
 from eightbit.runtime.backends import Backend, RuntimeOptions, load
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         fp32_logits = model(x).numpy()
     int8_model = int8_path.read_bytes()
     samples = [input_codes(qm.graph_module, (x[i : i + 1],)) for i in range(len(x))]
+    with atomic_path(out / "photos_int8.npy", overwrite=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.concatenate([s[0] for s in samples]))  # the photos' int8 codes, for `eightbit report`
     litert = np.concatenate([run_litert(int8_model, s)[0] for s in samples])
     builtin = np.concatenate([run_litert(int8_model, s, kernels=LiteRTKernels.BUILTIN)[0] for s in samples])
     ref_kernels = np.concatenate([run_litert(int8_model, s, kernels=LiteRTKernels.REFERENCE)[0] for s in samples])
