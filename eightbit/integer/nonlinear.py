@@ -137,6 +137,8 @@ def softmax(x: np.ndarray, in_params, beta: float = 1.0) -> np.ndarray:
     """SOFTMAX int8 -> int8 over the last axis (output scale 1/256, zero point -128) as TFLM's reference kernel."""
     scale, _ = in_params
     real = min(float(beta) * float(np.float32(scale)) * (1 << (31 - _SOFTMAX_DIFF_BITS)), 2.0**31 - 1.0)
+    if real <= 1.0:  # TFLite's QuantizeMultiplierGreaterThanOne refuses it (the kernel does not run)
+        raise ValueError(f"SOFTMAX input scale {float(scale)} x beta {beta} is below 2^-26: TFLite cannot run it")
     multiplier, left_shift = _frexp_multiplier(real)
     if multiplier == 1 << 31:  # QuantizeMultiplier's carry (PreprocessSoftmaxScaling goes through it)
         multiplier, left_shift = multiplier // 2, left_shift + 1

@@ -98,6 +98,11 @@ def test_kernels_are_close_to_the_float_functions():
     assert np.abs(got - np.clip(np.round(p * 256) - 128, -128, 127)).max() <= 1
 
 
+def test_softmax_refuses_a_scale_tflite_cannot_run():
+    with pytest.raises(ValueError, match="below 2"):
+        nonlinear.softmax(ALL_CODES.reshape(1, -1), (np.float32(1e-9), 0))
+
+
 class SigmoidHead(nn.Module):
     def __init__(self):
         super().__init__()
