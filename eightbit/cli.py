@@ -1,4 +1,4 @@
-"""Command line: `eightbit quantize`, `compare`, `analyze` and `bench`."""
+"""Command line: `eightbit quantize`, `compare`, `analyze`, `bench` and `report`."""
 
 from __future__ import annotations
 
@@ -402,6 +402,25 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from eightbit.analysis import deployment
+
+    return deployment.run(args)
+
+
+def _report_parser(sub) -> None:
+    from eightbit.analysis.deployment import add_arguments  # running it needs the `tflite` extra; parsing does not
+
+    r = sub.add_parser(
+        "report",
+        help="deployment report of an int8 .tflite: channel alignment, weights, TFLM arena, int16 accumulation, "
+        "TFLM vs eightbit's integer reference, LiteRT vs TFLM (needs [tflite])",
+    )
+    r.add_argument("--target", required=True, choices=["mcu"], help="mcu: microcontrollers and integer-only NPUs")
+    add_arguments(r)
+    r.set_defaults(func=_cmd_report)
+
+
 def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     from eightbit.calibration.methods import METHODS
 
@@ -527,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", metavar="DIR", help="folder for the sweep report (default: <model>_sweep)")
     b.add_argument("--quiet", action="store_true", help="no per-batch progress lines during a sweep")
     b.set_defaults(func=_cmd_bench)
+    _report_parser(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from eightbit.analysis.runtime_agreement import Mismatch, RuntimeAgreement, compare_runtimes
 from eightbit.export.tflite_run import run_tflm, tflm_arena_bytes
 from eightbit.integer.executor import IntegerReference
 from eightbit.integer.fixed_point import int16_products_that_fit
@@ -39,15 +40,6 @@ class LayerRow:
 
 
 @dataclass
-class Mismatch:
-    index: int
-    op: str
-    output: str
-    differing: int
-    max_codes: int
-
-
-@dataclass
 class DeploymentReport:
     alignment: int
     layers: list[LayerRow] = field(default_factory=list)
@@ -55,6 +47,7 @@ class DeploymentReport:
     weight_bytes: int = 0
     first_mismatch: Mismatch | None = None  # first layer where TFLM differs from the integer reference
     n1: int = int16_products_that_fit()
+    runtimes: list[RuntimeAgreement] = field(default_factory=list)  # LiteRT kernel sets vs TFLM
 
     def __str__(self) -> str:
         columns = ["#", "op", "output", "in ch", "out ch", f"waste @{self.alignment}", "weight B", "products"]
@@ -73,7 +66,7 @@ class DeploymentReport:
             "none: TFLM equals the integer reference on every tensor"
             if self.first_mismatch is None
             else f"op {self.first_mismatch.index} {self.first_mismatch.op} ({self.first_mismatch.output}): "
-            f"{self.first_mismatch.differing} codes differ, up to {self.first_mismatch.max_codes}"
+            f"{self.first_mismatch.differing} values differ, by up to {self.first_mismatch.max_codes} codes"
         )
         lines += [
             "",
@@ -82,6 +75,7 @@ class DeploymentReport:
             f"{len(overflowing)} of {len(dot)} dot-product layers overflow on these inputs",
             f"first layer where TFLM differs from eightbit.integer: {mismatch}",
         ]
+        lines += [str(r) for r in self.runtimes]
         return "\n".join(lines)
 
 
@@ -94,8 +88,11 @@ def alignment_waste(op: str, in_channels: int, out_channels: int, alignment: int
     return 1 - (in_channels * out_channels) / (pad(in_channels) * pad(out_channels))
 
 
-def deployment_report(model: bytes, samples: list[list[np.ndarray]], *, alignment: int = 16) -> DeploymentReport:
-    """The report for `model` on `samples` (each a list of int8 NHWC input arrays, as the file takes them)."""
+def deployment_report(
+    model: bytes, samples: list[list[np.ndarray]], *, alignment: int = 16, runtimes: bool = True
+) -> DeploymentReport:
+    """The report for `model` on `samples` (each a list of int8 NHWC input arrays, as the file takes them);
+    `runtimes` adds LiteRT (XNNPACK, builtin and reference kernels) against TFLM."""
     if alignment < 1:
         raise ValueError(f"alignment must be >= 1, got {alignment}")
     measured = IntegerReference(model, Accumulator(measure=True))
@@ -127,6 +124,8 @@ def deployment_report(model: bytes, samples: list[list[np.ndarray]], *, alignmen
         report.layers.append(row)
         report.weight_bytes += weight_bytes
     report.first_mismatch = first_mismatch(model, samples[0])
+    if runtimes:
+        report.runtimes = compare_runtimes(model, samples)
     return report
 
 
@@ -153,22 +152,41 @@ def _name(name) -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The report's command-line arguments (shared with `eightbit report`)."""
     parser.add_argument("model", help="an int8 .tflite file")
     parser.add_argument("--inputs", help=".npy of int8 NHWC inputs (batch of samples); default: 4 random samples")
     parser.add_argument("--alignment", type=int, default=16, help="multiplier-array width in channels (16 or 32)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--no-runtimes", action="store_true", help="skip the LiteRT (XNNPACK, builtin, reference) vs TFLM comparison"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report for parsed arguments (`add_arguments`)."""
+    if args.alignment < 1:
+        raise ValueError(f"--alignment must be >= 1, got {args.alignment}")
     with open(args.model, "rb") as f:
         model = f.read()
     graph = IntegerReference(model).graph
     shape = [int(s) for s in graph.tensors[int(graph.inputs[0])].shape]
     if args.inputs:
-        batch = np.load(args.inputs).astype(np.int8)
+        batch = np.load(args.inputs)
+        if batch.dtype != np.int8 or batch.shape[1:] != tuple(shape[1:]):
+            raise ValueError(
+                f"{args.inputs} holds {batch.dtype} {batch.shape}; the report needs the file's int8 input codes, "
+                f"shape (samples, {', '.join(map(str, shape[1:]))}) (eightbit.export.tflite.input_codes)"
+            )
     else:
         batch = np.random.default_rng(0).integers(-128, 128, (4, *shape[1:])).astype(np.int8)
     samples = [[batch[i : i + 1]] for i in range(len(batch))]
-    print(deployment_report(model, samples, alignment=args.alignment))
+    print(deployment_report(model, samples, alignment=args.alignment, runtimes=not args.no_runtimes))
     return 0
 
 

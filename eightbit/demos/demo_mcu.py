@@ -3,8 +3,9 @@
 Quantizes with `QuantConfig(target=Target.TFLITE)` on augmented crops of the 20 labelled ImageNet photos (as
 `make demo`), writes the int8 .tflite and the float32 .tflite of the same graph, and prints: top-1 on the photos
 for fp32 PyTorch, the same calibration's ONNX int8 model on ONNX Runtime, LiteRT int8, TFLM int8 and eightbit's
-integer reference (with the number of output codes where it differs from TFLM), file sizes, TFLM's arena, and
-LiteRT int8 vs fp32 batch-1 latency (XNNPACK, 2 threads, interleaved rounds).
+integer reference (with the number of output codes where it differs from TFLM), file sizes, TFLM's arena, how far
+each LiteRT kernel set (XNNPACK, builtin, reference) is from TFLM and where the difference starts, and LiteRT int8
+vs fp32 batch-1 latency (XNNPACK, 2 threads, interleaved rounds).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import torch
 
 from eightbit import QuantConfig, Target, quantize
 from eightbit.analysis import metrics
+from eightbit.analysis.runtime_agreement import compare_runtimes
 from eightbit.demos import zoo
 from eightbit.export.tflite import input_codes
-from eightbit.export.tflite_run import run_litert, run_tflm
+from eightbit.export.tflite_run import LiteRTKernels, run_litert, run_tflm
+from eightbit.fileio import atomic_path
 from eightbit.integer.executor import IntegerReference
 from eightbit.runtime import hw
 from eightbit.runtime.backends import Backend, RuntimeOptions, load
@@ -37,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out", help="folder for the .tflite and ONNX files")
     parser.add_argument("--calib", type=int, default=256, help="number of augmented calibration crops")
     parser.add_argument("--iters", type=int, default=40, help="timed batch-1 calls per model")
+    parser.add_argument(
+        "--kernel-samples", type=int, default=4, help="photos on which each LiteRT kernel is checked alone"
+    )
     parser.add_argument("--encodings", help="reuse quantization parameters saved by an earlier run (skips calibration)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -67,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         fp32_logits = model(x).numpy()
     int8_model = int8_path.read_bytes()
     samples = [input_codes(qm.graph_module, (x[i : i + 1],)) for i in range(len(x))]
+    with atomic_path(out / "photos_int8.npy", overwrite=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.concatenate([s[0] for s in samples]))  # the photos' int8 codes, for `eightbit report`
     litert = np.concatenate([run_litert(int8_model, s)[0] for s in samples])
-    builtin = np.concatenate([run_litert(int8_model, s, xnnpack=False)[0] for s in samples])
+    builtin = np.concatenate([run_litert(int8_model, s, kernels=LiteRTKernels.BUILTIN)[0] for s in samples])
+    ref_kernels = np.concatenate([run_litert(int8_model, s, kernels=LiteRTKernels.REFERENCE)[0] for s in samples])
     tflm = np.concatenate([run_tflm(int8_model, s)[0] for s in samples])
     reference = IntegerReference(int8_model)
     integer = np.concatenate([reference.run(s)[0][0] for s in samples])
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         ("int8 LiteRT (XNNPACK)", _top1(litert, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
         ("int8 LiteRT (builtin kernels)", _top1(builtin, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
+        ("int8 LiteRT (reference kernels)", _top1(ref_kernels, labels_np), f"{report.size_bytes / 1e6:.2f}", ""),
         ("int8 TFLM", _top1(tflm, labels_np), f"{report.size_bytes / 1e6:.2f}", f"{report.arena_bytes / 1e6:.2f}"),
         ("int8 eightbit.integer", _top1(integer, labels_np), "", ""),
     ]
@@ -104,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {top1}/{n} | {size} | {arena} |")
     print()
     print(f"integer reference vs TFLM: {int((integer != tflm).sum())} of {tflm.size} output codes differ")
-    for name, codes in (("LiteRT XNNPACK", litert), ("LiteRT builtin kernels", builtin)):
-        diff = np.abs(codes.astype(int) - tflm.astype(int))
-        print(f"{name} vs TFLM: max {int(diff.max())} codes, {int((diff > 0).sum())} of {diff.size} differ")
+    for agreement in compare_runtimes(int8_model, samples, kernel_samples=args.kernel_samples):
+        print(agreement)
+    ort_top1 = ort_logits.argmax(1)
+    for name, codes in (("XNNPACK", litert), ("builtin", builtin), ("reference", ref_kernels)):
+        same = int((codes.argmax(1) == ort_top1).sum())
+        print(f"LiteRT {name} int8 top-1 equals the ONNX int8 model's on {same}/{n} photos")
 
     runners = {"int8": LiteRTRunner(int8_path, threads=2), "fp32": LiteRTRunner(fp32_path, threads=2)}
     feeds = {"int8": samples[0][0], "fp32": nhwc[:1]}

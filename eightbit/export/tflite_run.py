@@ -4,11 +4,24 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import re
 import tempfile
 
 import numpy as np
+
+
+class LiteRTKernels(enum.Enum):
+    """Which LiteRT kernels run an int8 model (the interpreter's `experimental_op_resolver_type`).
+
+    XNNPACK: the default delegate (fp32 requantization, the fast path); BUILTIN: TFLite's optimized builtin
+    kernels without the default delegate; REFERENCE: TFLite's reference kernels (BUILTIN_REF, the closest to
+    TFLite Micro, slow)."""
+
+    XNNPACK = "xnnpack"
+    BUILTIN = "builtin"
+    REFERENCE = "reference"
 
 
 def _litert():
@@ -27,24 +40,47 @@ def _tflm():
     return runtime
 
 
-def litert_interpreter(model: bytes, *, threads: int = 1, preserve: bool = False, xnnpack: bool = True):
-    """A LiteRT interpreter with tensors allocated.  Without XNNPACK the reference/builtin kernels run."""
+def litert_interpreter(
+    model: bytes,
+    *,
+    threads: int = 1,
+    preserve: bool = False,
+    xnnpack: bool = True,
+    kernels: LiteRTKernels | None = None,
+):
+    """A LiteRT interpreter with tensors allocated.  `kernels` picks the op resolver (default XNNPACK;
+    `xnnpack=False` is the older spelling of LiteRTKernels.BUILTIN)."""
     Interpreter = _litert()
-    kwargs = {} if xnnpack else {"experimental_op_resolver_type": _builtin_resolver()}
+    if kernels is None:
+        kernels = LiteRTKernels.XNNPACK if xnnpack else LiteRTKernels.BUILTIN
+    if not isinstance(kernels, LiteRTKernels):
+        raise TypeError(f"kernels must be a LiteRTKernels, got {kernels!r}")
+    kwargs = {"experimental_op_resolver_type": _resolver(kernels)}
     interp = Interpreter(model_content=model, num_threads=threads, experimental_preserve_all_tensors=preserve, **kwargs)
     interp.allocate_tensors()
     return interp
 
 
-def _builtin_resolver():
+def _resolver(kernels: LiteRTKernels):
     from ai_edge_litert.interpreter import OpResolverType
 
-    return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    return {
+        LiteRTKernels.XNNPACK: OpResolverType.AUTO,
+        LiteRTKernels.BUILTIN: OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        LiteRTKernels.REFERENCE: OpResolverType.BUILTIN_REF,
+    }[kernels]
 
 
-def run_litert(model: bytes, inputs: list[np.ndarray], *, all_tensors: bool = False, xnnpack: bool = True):
+def run_litert(
+    model: bytes,
+    inputs: list[np.ndarray],
+    *,
+    all_tensors: bool = False,
+    xnnpack: bool = True,
+    kernels: LiteRTKernels | None = None,
+):
     """Outputs (and, with all_tensors, every tensor by index) of one LiteRT invocation."""
-    interp = litert_interpreter(model, preserve=all_tensors, xnnpack=xnnpack)
+    interp = litert_interpreter(model, preserve=all_tensors, xnnpack=xnnpack, kernels=kernels)
     for detail, value in zip(interp.get_input_details(), inputs, strict=True):
         interp.set_tensor(detail["index"], value)
     interp.invoke()
@@ -78,6 +114,20 @@ def run_tflm(model: bytes, inputs: list[np.ndarray], *, all_tensors: bool = Fals
             found = interp.GetTensor(index, 0)
             tensors[index] = np.asarray(found["tensor_data"]).reshape(found["shape"])
     return outputs, tensors
+
+
+def with_every_output(model: bytes) -> bytes:
+    """The same model with every operator's output made a model output.  A delegate (XNNPACK) then has to write
+    each intermediate tensor where the caller can read it; the arithmetic is unchanged."""
+    import flatbuffers
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    parsed = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    graph = parsed.subgraphs[0]
+    graph.outputs = [int(op.outputs[0]) for op in graph.operators]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(parsed.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _subgraph(model: bytes):

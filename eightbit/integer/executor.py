@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from eightbit.integer import kernels
+from eightbit.integer import kernels, nonlinear
 from eightbit.integer.fixed_point import quantize_value
 from eightbit.integer.kernels import Accumulator, AccumulatorStats
 
@@ -53,6 +53,8 @@ class IntegerReference:
         "QUANTIZE",
         "DEQUANTIZE",
         "HARD_SWISH",
+        "LOGISTIC",
+        "SOFTMAX",
     )
 
     def __init__(self, model: bytes, accumulator: Accumulator | None = None):
@@ -77,6 +79,11 @@ class IntegerReference:
 
     def _tensor(self, index: int):
         return self.graph.tensors[index]
+
+    def tensor_type(self, index: int) -> str:
+        """The tensor's element type as the schema names it ("INT8", "INT32", "FLOAT32")."""
+        types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+        return types[self._tensor(index).type]
 
     def params(self, index: int) -> tuple[np.float32, int]:
         q = self._tensor(index).quantization
@@ -112,11 +119,16 @@ class IntegerReference:
         for index, value in zip(self.graph.inputs, inputs, strict=True):
             values[int(index)] = np.asarray(value)
         for i, op in enumerate(self.graph.operators):
-            out = int(op.outputs[0])
-            result = self._run_op(i, op, values)
-            dtype = np.float32 if self._tensor(out).type == schema.TensorType.FLOAT32 else np.int8
-            values[out] = result.astype(dtype).reshape(self._tensor(out).shape)
+            values[int(op.outputs[0])] = self.run_operator(i, values)
         return [values[int(i)] for i in self.graph.outputs], values
+
+    def run_operator(self, index: int, values: dict[int, np.ndarray]) -> np.ndarray:
+        """Operator `index` alone on the tensors in `values` (tensor index -> array): its output tensor.  Used to
+        check another runtime's kernel on that runtime's own inputs."""
+        op = self.graph.operators[index]
+        out = int(op.outputs[0])
+        dtype = np.float32 if self._tensor(out).type == schema.TensorType.FLOAT32 else np.int8
+        return self._run_op(index, op, values).astype(dtype).reshape(self._tensor(out).shape)
 
     def _input(self, op, k: int, values) -> np.ndarray:
         index = int(op.inputs[k])
@@ -136,7 +148,28 @@ class IntegerReference:
         handler = getattr(self, f"_op_{name.lower()}")
         return handler(i, op, values)
 
+    _DOT_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "fc"}
+
     def _dot(self, i, op, values, kind: str) -> np.ndarray:
+        acc, mults, shifts, zo, lo, hi = self._dot_accumulator(i, op, values, kind)
+        return kernels.requantize(acc, mults, shifts, zo, lo, hi)
+
+    def exact_output(self, index: int, values: dict[int, np.ndarray]) -> np.ndarray:
+        """A dot-product operator's output code before rounding, in double precision: the int32 accumulator times
+        input scale x weight scale / output scale (exact scales) plus the zero point, clamped to the fused
+        activation's range.  Tells which of two runtimes that differ by one code rounded correctly."""
+        op = self.graph.operators[index]
+        kind = self._DOT_KINDS.get(self.op_name(index))
+        if kind is None:
+            raise ValueError(f"operator {index} is a {self.op_name(index)}, not one of {list(self._DOT_KINDS)}")
+        acc, _, _, zo, lo, hi = self._dot_accumulator(index, op, values, kind)
+        (si, _), (so, _) = self.params(int(op.inputs[0])), self.params(int(op.outputs[0]))
+        scales = np.array(self._tensor(int(op.inputs[1])).quantization.scale, dtype=np.float64)
+        real = acc.astype(np.float64) * (float(si) * np.broadcast_to(scales, (acc.shape[-1],)) / float(so)) + zo
+        return np.clip(real, lo, hi).reshape(self._tensor(int(op.outputs[0])).shape)
+
+    def _dot_accumulator(self, i, op, values, kind: str):
+        """The int32 accumulators (bias included) and the requantization parameters of a dot-product operator."""
         x, filt, bias = (self._input(op, k, values) for k in range(3))
         (si, zi), (so, zo) = self.params(int(op.inputs[0])), self.params(int(op.outputs[0]))
         wq = self._tensor(int(op.inputs[1])).quantization
@@ -163,7 +196,7 @@ class IntegerReference:
         channels = acc.shape[-1]
         scales = list(wq.scale) if len(wq.scale) > 1 else list(wq.scale) * channels
         mults, shifts = kernels.channel_multipliers(si, np.float32(scales), so)
-        return kernels.requantize(acc, mults, shifts, zo, lo, hi)
+        return acc, mults, shifts, zo, lo, hi
 
     def _op_conv_2d(self, i, op, values):
         return self._dot(i, op, values, "conv")
@@ -235,3 +268,10 @@ class IntegerReference:
     def _op_dequantize(self, i, op, values):
         scale, zp = self.params(int(op.inputs[0]))
         return (self._input(op, 0, values).astype(np.float32) - zp) * scale
+
+    def _op_logistic(self, i, op, values):
+        return nonlinear.logistic(self._input(op, 0, values), self.params(int(op.inputs[0])))
+
+    def _op_softmax(self, i, op, values):
+        beta = op.builtinOptions.beta if op.builtinOptions is not None else 1.0
+        return nonlinear.softmax(self._input(op, 0, values), self.params(int(op.inputs[0])), beta)

@@ -1,5 +1,6 @@
 """The integer reference: fixed-point math, bit-exactness with TFLite Micro op by op, accumulator simulation."""
 
+import flatbuffers
 import numpy as np
 import pytest
 import torch
@@ -44,7 +45,7 @@ def test_n1_is_derived():
     assert int16_products_that_fit(activation_max=255) == 1
 
 
-REFERENCE_MODELS = ["residual", "depthwise", "concat", "conv_variants", "broadcasting", "hardswish"]
+REFERENCE_MODELS = ["residual", "depthwise", "concat", "conv_variants", "broadcasting", "hardswish", "activations"]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -67,10 +68,17 @@ def test_bit_exact_with_tflm_on_every_tensor(name, scheme):
 
 
 def test_operators_without_a_kernel_are_refused():
-    qm = quantized("activations")
+    from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+
+    qm = quantized("residual")
     model, _ = tflite_bytes(qm.graph_module, qm._example_args)
-    with pytest.raises(UnsupportedOperator, match="LOGISTIC"):
-        IntegerReference(model)
+    parsed = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    code = parsed.operatorCodes[0]
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.TANH  # no kernel in the reference
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(parsed.Pack(builder), file_identifier=b"TFL3")
+    with pytest.raises(UnsupportedOperator, match="TANH"):
+        IntegerReference(bytes(builder.Output()))
 
 
 class OneConv(nn.Module):
