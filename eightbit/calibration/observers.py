@@ -123,8 +123,13 @@ class HistogramStats:
     has tails and is binned exactly as before.  `view()` gives the combined histogram.
     """
 
-    def __init__(self, bins: int = 2048) -> None:
+    def __init__(self, bins: int = 2048, *, resolve_spikes: bool = False) -> None:
         self.bins = bins
+        # A spike (a constant, exact zeros) is normally left alone when far values arrive: they are taken as the
+        # signal and the bins grow over them, merging the spike into one wide bin.  The health check's sketch
+        # resolves spikes instead (far values go to the tails when they are few): it must see whether the range
+        # represents the spike's value (fuzz seed 21: a constant 0.25 that an outlier-set range rounds to 0).
+        self.resolve_spikes = resolve_spikes
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.lo = 0.0
         self.width = 0.0  # bin width; 0 until the first nonzero-range batch
@@ -148,7 +153,8 @@ class HistogramStats:
             self._split_off_outliers(x)
             return
         inside = lo >= self.lo and hi <= self.hi
-        if inside or self.tails is None and (self._growth(lo, hi) < OUTLIER_RATIO / 2 or self._is_spike()):
+        spike = not self.resolve_spikes and self._is_spike()
+        if inside or self.tails is None and (self._growth(lo, hi) < OUTLIER_RATIO / 2 or spike):
             self._cover(lo, hi)
             self.counts += bin_counts(x, self.lo, self.width, self.bins)
             return
@@ -165,7 +171,7 @@ class HistogramStats:
         """First batch: if all but OUTLIER_SHARE of the values sit in 1/OUTLIER_RATIO of the bins, re-count with
         the bins spanning those values (plus 1/16 on each side, room for later batches) and the rest in the
         tails.  A dense part that is a single value (a spike of exact zeros, say) is left alone: the values
-        beyond it are the signal, not outliers."""
+        beyond it are the signal, not outliers; with `resolve_spikes` the bins span a small window around it."""
         window = max(1, self.bins // OUTLIER_RATIO)
         for _ in range(3):  # a second round only for outliers nested inside the first dense part
             cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.counts, 0)])
@@ -177,9 +183,9 @@ class HistogramStats:
             w_lo, w_hi = self.lo + (start - 1) * self.width, self.lo + (start + window + 1) * self.width
             dense = x[(x >= w_lo) & (x <= w_hi)]
             d_lo, d_hi = (float(v) for v in torch.aminmax(dense))
-            if d_hi <= d_lo:
+            if d_hi <= d_lo and not self.resolve_spikes:
                 return
-            pad = (d_hi - d_lo) / 16
+            pad = (d_hi - d_lo) / 16 if d_hi > d_lo else max(abs(d_lo), 1e-6) / 16  # a spike: a small window
             self.tails, self.tail_extremes = None, [math.inf, -math.inf]
             self.lo, self.width = d_lo - pad, (d_hi - d_lo + 2 * pad) / self.bins
             self.counts = torch.zeros(self.bins, dtype=torch.float64)
@@ -442,7 +448,7 @@ class Observer(nn.Module):
                 self.stats[statistic] = _COLLECTORS[statistic](spec)
         if Statistic.HISTOGRAM not in self.stats:
             # Cheap (a few thousand values per batch): lets `calibration.health` check any method's range.
-            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits))
+            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits), resolve_spikes=True)
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
