@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -213,9 +214,13 @@ class HistogramStats:
         if outside.numel():
             self._add_tails(outside)
 
+    @staticmethod
+    def _empty_tails() -> torch.Tensor:
+        return torch.zeros(2, 2, _TAIL_BINS, dtype=torch.float64)
+
     def _add_tails(self, values: torch.Tensor) -> None:
         if self.tails is None:
-            self.tails = torch.zeros(2, 2, _TAIL_BINS, dtype=torch.float64)
+            self.tails = self._empty_tails()
         side = (values > self.hi).long()
         sign = (values >= 0).long()
         index = _tail_index(values.abs())
@@ -301,12 +306,14 @@ class HistogramStats:
         self.width *= factor
 
     def merge(self, other: HistogramStats) -> None:
+        """Add `other`'s counts: the bins first grow to cover its range, then its uniform bins are re-binned onto
+        these (`rebinned`: exact where its bins nest in these, else each value moves by less than one of its
+        bins) and its tails are added (tail bins are global, so adding them is exact; those that now fall inside
+        the bins move to the bin of their centre, within 1/8 octave of their values)."""
         if other.width == 0.0:
             return
-        centres = other.lo + (torch.arange(other.bins, dtype=torch.float64) + 0.5) * other.width
         self._cover(other.lo, other.hi)
-        idx = ((centres - self.lo) / self.width).long().clamp(0, self.bins - 1)
-        self.counts.index_add_(0, idx, other.counts)
+        self.counts += other.rebinned(self.lo, self.width)
         if other.tail_count():
             self.tails = other.tails.clone() if self.tails is None else self.tails + other.tails
             self.tail_extremes = [
@@ -314,6 +321,24 @@ class HistogramStats:
                 max(self.tail_extremes[1], other.tail_extremes[1]),
             ]
             self._absorb_tails()
+
+    def rebinned(self, lo: float, width: float) -> torch.Tensor:
+        """The uniform bins' counts on another grid of `bins` bins from `lo`, `width` wide (which must cover
+        this one), each bin's count spread evenly over its width (the CDF interpolated linearly).
+
+        Exact (to float64 rounding) where every bin of this grid lies inside one new bin, as when the new grid
+        grew from this one (`_cover`: whole-bin padding, power-of-two widening).  Otherwise a bin that straddles
+        a new edge is split in proportion, so a value moves by less than one of this grid's bins: the CDF of the
+        result at any new edge t lies between the true CDF at t - self.width and at t + self.width."""
+        if self.width == 0.0:
+            return torch.zeros(self.bins, dtype=torch.float64)
+        cdf = np.concatenate([[0.0], np.cumsum(self.counts.numpy())])
+        edges = lo + np.arange(self.bins + 1, dtype=np.float64) * width
+        at_edges = np.interp(edges, self.edges().numpy(), cdf)  # 0 below this grid, the total above it
+        counts = np.diff(at_edges)
+        counts[0] += at_edges[0]  # anything outside the new grid (only by rounding) goes to the end bins
+        counts[-1] += cdf[-1] - at_edges[-1]
+        return torch.from_numpy(counts)
 
     def edges(self) -> torch.Tensor:
         return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
