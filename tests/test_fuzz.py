@@ -110,14 +110,15 @@ def _is_eightbit_warning(w: warnings.WarningMessage) -> bool:
     return w.category.__module__.startswith("eightbit")
 
 
-def run_case(seed: int) -> tuple[str, float | None]:
+def run_case(seed: int, method: str | None = None) -> tuple[str, float | None]:
     """One fuzz case -> ("ok", rel_error), ("warned", rel_error) when eightbit flagged the model, or
-    ("refused", None) for a clear eightbit error."""
+    ("refused", None) for a clear eightbit error.  `method` overrides the seed's activation method."""
     torch.manual_seed(seed)
     net = RandomNet(seed).eval()
     g = torch.Generator().manual_seed(seed)
     outlier, constant = (bool(v) for v in torch.randint(2, (2,), generator=g))
-    method = METHODS[int(torch.randint(len(METHODS), (1,), generator=g))]
+    drawn = METHODS[int(torch.randint(len(METHODS), (1,), generator=g))]
+    method = method or drawn
     config = eightbit.QuantConfig(activations=eightbit.uint8_activations(method=method))
     calibration = _data(net, seed, 4, outlier=outlier, constant_channel=constant)
     held_out = _data(net, seed + 1, 2, outlier=False, constant_channel=constant)
@@ -153,6 +154,16 @@ def test_fuzz_graph_path_never_silently_wrong():
     assert len(errors) >= CASES // 2, "most random models must quantize cleanly, without a warning"
     # The supported ops must quantize: refusals are for genuinely unsupported input, not the common case.
     assert len(refused) <= CASES // 20, f"too many refusals: {refused}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fuzz_seed_21_is_warned_or_accurate_with_every_method(method):
+    """Seed 21: a constant input channel (0.25) and one 1e4 outlier.  Under `ema` the range ([0, ~810]) crushed
+    the constant to code 0 (relative error above 1) without a warning: the health check's sketch histogram had
+    merged the constant into one wide bin when the outlier widened it, so the check could not see the constant
+    was lost."""
+    status, err = run_case(21, method)
+    assert status != "ok" or err <= REL_ERROR_BOUND, f"{method}: relative error {err:.3f} without a warning"
 
 
 def test_fuzz_smoke():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -123,8 +124,13 @@ class HistogramStats:
     has tails and is binned exactly as before.  `view()` gives the combined histogram.
     """
 
-    def __init__(self, bins: int = 2048) -> None:
+    def __init__(self, bins: int = 2048, *, resolve_spikes: bool = False) -> None:
         self.bins = bins
+        # A spike (a constant, exact zeros) is normally left alone when far values arrive: they are taken as the
+        # signal and the bins grow over them, merging the spike into one wide bin.  The health check's sketch
+        # resolves spikes instead (far values go to the tails when they are few): it must see whether the range
+        # represents the spike's value (fuzz seed 21: a constant 0.25 that an outlier-set range rounds to 0).
+        self.resolve_spikes = resolve_spikes
         self.counts = torch.zeros(bins, dtype=torch.float64)
         self.lo = 0.0
         self.width = 0.0  # bin width; 0 until the first nonzero-range batch
@@ -148,7 +154,8 @@ class HistogramStats:
             self._split_off_outliers(x)
             return
         inside = lo >= self.lo and hi <= self.hi
-        if inside or self.tails is None and (self._growth(lo, hi) < OUTLIER_RATIO / 2 or self._is_spike()):
+        spike = not self.resolve_spikes and self._is_spike()
+        if inside or self.tails is None and (self._growth(lo, hi) < OUTLIER_RATIO / 2 or spike):
             self._cover(lo, hi)
             self.counts += bin_counts(x, self.lo, self.width, self.bins)
             return
@@ -165,7 +172,7 @@ class HistogramStats:
         """First batch: if all but OUTLIER_SHARE of the values sit in 1/OUTLIER_RATIO of the bins, re-count with
         the bins spanning those values (plus 1/16 on each side, room for later batches) and the rest in the
         tails.  A dense part that is a single value (a spike of exact zeros, say) is left alone: the values
-        beyond it are the signal, not outliers."""
+        beyond it are the signal, not outliers; with `resolve_spikes` the bins span a small window around it."""
         window = max(1, self.bins // OUTLIER_RATIO)
         for _ in range(3):  # a second round only for outliers nested inside the first dense part
             cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.counts, 0)])
@@ -177,9 +184,9 @@ class HistogramStats:
             w_lo, w_hi = self.lo + (start - 1) * self.width, self.lo + (start + window + 1) * self.width
             dense = x[(x >= w_lo) & (x <= w_hi)]
             d_lo, d_hi = (float(v) for v in torch.aminmax(dense))
-            if d_hi <= d_lo:
+            if d_hi <= d_lo and not self.resolve_spikes:
                 return
-            pad = (d_hi - d_lo) / 16
+            pad = (d_hi - d_lo) / 16 if d_hi > d_lo else max(abs(d_lo), 1e-6) / 16  # a spike: a small window
             self.tails, self.tail_extremes = None, [math.inf, -math.inf]
             self.lo, self.width = d_lo - pad, (d_hi - d_lo + 2 * pad) / self.bins
             self.counts = torch.zeros(self.bins, dtype=torch.float64)
@@ -207,9 +214,13 @@ class HistogramStats:
         if outside.numel():
             self._add_tails(outside)
 
+    @staticmethod
+    def _empty_tails() -> torch.Tensor:
+        return torch.zeros(2, 2, _TAIL_BINS, dtype=torch.float64)
+
     def _add_tails(self, values: torch.Tensor) -> None:
         if self.tails is None:
-            self.tails = torch.zeros(2, 2, _TAIL_BINS, dtype=torch.float64)
+            self.tails = self._empty_tails()
         side = (values > self.hi).long()
         sign = (values >= 0).long()
         index = _tail_index(values.abs())
@@ -295,12 +306,14 @@ class HistogramStats:
         self.width *= factor
 
     def merge(self, other: HistogramStats) -> None:
+        """Add `other`'s counts: the bins first grow to cover its range, then its uniform bins are re-binned onto
+        these (`rebinned`: exact where its bins nest in these, else each value moves by less than one of its
+        bins) and its tails are added (tail bins are global, so adding them is exact; those that now fall inside
+        the bins move to the bin of their centre, within 1/8 octave of their values)."""
         if other.width == 0.0:
             return
-        centres = other.lo + (torch.arange(other.bins, dtype=torch.float64) + 0.5) * other.width
         self._cover(other.lo, other.hi)
-        idx = ((centres - self.lo) / self.width).long().clamp(0, self.bins - 1)
-        self.counts.index_add_(0, idx, other.counts)
+        self.counts += other.rebinned(self.lo, self.width)
         if other.tail_count():
             self.tails = other.tails.clone() if self.tails is None else self.tails + other.tails
             self.tail_extremes = [
@@ -308,6 +321,24 @@ class HistogramStats:
                 max(self.tail_extremes[1], other.tail_extremes[1]),
             ]
             self._absorb_tails()
+
+    def rebinned(self, lo: float, width: float) -> torch.Tensor:
+        """The uniform bins' counts on another grid of `bins` bins from `lo`, `width` wide (which must cover
+        this one), each bin's count spread evenly over its width (the CDF interpolated linearly).
+
+        Exact (to float64 rounding) where every bin of this grid lies inside one new bin, as when the new grid
+        grew from this one (`_cover`: whole-bin padding, power-of-two widening).  Otherwise a bin that straddles
+        a new edge is split in proportion, so a value moves by less than one of this grid's bins: the CDF of the
+        result at any new edge t lies between the true CDF at t - self.width and at t + self.width."""
+        if self.width == 0.0:
+            return torch.zeros(self.bins, dtype=torch.float64)
+        cdf = np.concatenate([[0.0], np.cumsum(self.counts.numpy())])
+        edges = lo + np.arange(self.bins + 1, dtype=np.float64) * width
+        at_edges = np.interp(edges, self.edges().numpy(), cdf)  # 0 below this grid, the total above it
+        counts = np.diff(at_edges)
+        counts[0] += at_edges[0]  # anything outside the new grid (only by rounding) goes to the end bins
+        counts[-1] += cdf[-1] - at_edges[-1]
+        return torch.from_numpy(counts)
 
     def edges(self) -> torch.Tensor:
         return self.lo + torch.arange(self.bins + 1, dtype=torch.float64) * self.width
@@ -442,7 +473,7 @@ class Observer(nn.Module):
                 self.stats[statistic] = _COLLECTORS[statistic](spec)
         if Statistic.HISTOGRAM not in self.stats:
             # Cheap (a few thousand values per batch): lets `calibration.health` check any method's range.
-            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits))
+            self.stats[Statistic.SKETCH] = HistogramStats(histogram_bins(spec.bits), resolve_spikes=True)
         self.batches = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

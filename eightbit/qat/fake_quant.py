@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,35 +47,115 @@ def fake_quantize(
 
 
 class _LsqFakeQuantize(torch.autograd.Function):
-    """round(clip(x / s, qmin - z, qmax - z)) * s with LSQ's gradients in a few fused passes (about half the
-    passes of autograd through the composed ops).  Saves only x; x / s is recomputed in the backward pass."""
+    """round(clip(x / s, qmin - z, qmax - z)) * s with LSQ's gradients, as one autograd node.
+
+    Fast path, whenever the zero point is one number (per-tensor, or per-channel with equal zero points, as for
+    symmetric weights): the clip bounds are plain numbers, and no boolean mask is ever built (on CPU a mask and
+    its use cost ~20x an arithmetic pass).  The forward pass is divide, clamp, round, multiply; a learning scale
+    adds LSQ's per-value term (round(v) - v inside the clip range, the bound outside: two more passes), saved
+    for the backward pass, which is then one pass for the input (the STE mask through `hardtanh_backward`, with
+    bounds one float below / above the clip bounds so that the bounds themselves count as inside) and one dot
+    product per learned parameter.  `learn` False (a frozen quantizer): no LSQ term, zero parameter gradients.
+    Other zero points (per-channel, unequal) take the general path: masks, recomputed in the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis, factor: float):
-        s, z = qmath.broadcast(scale, x, axis), qmath.broadcast(zero_point, x, axis)
-        lo, hi = qmin - z, qmax - z
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.config = (qmin, qmax, axis, factor)
-        return torch.clamp(x / s, lo, hi).round_().mul_(s)
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, axis, factor: float, learn: bool):
+        ctx.config = (qmin, qmax, axis, factor, learn)
+        ctx.bounds = _scalar_bounds(zero_point, qmin, qmax, x.dtype)
+        s = qmath.broadcast(scale, x, axis)
+        if ctx.bounds is None:
+            z = qmath.broadcast(zero_point, x, axis)
+            ctx.save_for_backward(x, scale, zero_point)
+            return torch.clamp(x / s, qmin - z, qmax - z).round_().mul_(s)
+        lo, hi, below, above = ctx.bounds
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        v = x / s
+        q = torch.clamp(v, lo, hi).round_()
+        out = q * s
+        term = None
+        if need_s and learn:
+            # LSQ's d out / d s per value: round(v) - v inside the clip range; outside, v * 0 leaves the bound.
+            term = q.sub_(torch.ops.aten.hardtanh_backward(v, v, below, above))
+        ctx.save_for_backward(v if need_x or (need_z and learn) else None, term, scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        qmin, qmax, axis, factor = ctx.config
-        s, z = qmath.broadcast(scale, x, axis), qmath.broadcast(zero_point, x, axis)
-        lo, hi = qmin - z, qmax - z
-        v = x / s
-        inside = (v >= lo) & (v <= hi)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        dims = [d for d in range(x.dim()) if axis is None or d != axis % x.dim()]
-        grad_scale = grad_zp = None
-        if ctx.needs_input_grad[1]:
-            # round(clip(v)) is lo / hi where clipped, so subtracting v only inside gives LSQ's d out / d s.
-            term = torch.clamp(v, lo, hi).round_().sub_(v * inside)
-            grad_scale = (grad * term).sum(dims).reshape(scale.shape) * factor
-        if ctx.needs_input_grad[2]:
-            grad_zp = -(grad * ~inside).sum(dims).reshape(zero_point.shape) * scale * factor
-        return grad_x, grad_scale, grad_zp, None, None, None, None
+        if ctx.bounds is None:
+            return (*_general_backward(ctx, grad), None, None, None, None, None)
+        v, term, scale = ctx.saved_tensors
+        _, _, axis, factor, learn = ctx.config
+        _, _, below, above = ctx.bounds
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        grad_x = grad_s = grad_z = None
+        if v is not None:
+            grad_x = torch.ops.aten.hardtanh_backward(grad, v, below, above)  # STE: grad inside, 0 outside
+        if need_s:
+            grad_s = _channel_dot(grad, term, axis).reshape(scale.shape) * factor if learn else torch.zeros_like(scale)
+        if need_z:
+            if learn:  # d out / d z is -s where clipped, 0 inside
+                clipped = _channel_sum(grad, axis) - _channel_sum(grad_x, axis)
+                grad_z = -clipped.reshape(scale.shape) * scale * factor
+            else:
+                grad_z = torch.zeros_like(scale)
+        return grad_x if need_x else None, grad_s, grad_z, None, None, None, None, None
+
+
+def _scalar_bounds(zero_point: torch.Tensor, qmin: int, qmax: int, dtype: torch.dtype):
+    """(lo, hi, below, above) when every zero point is the same number, else None: the clip bounds in code
+    units and the nearest `dtype` values beyond them (the exclusive bounds `hardtanh_backward` takes)."""
+    kind = _NUMPY_FLOATS.get(dtype)
+    flat = zero_point.detach().reshape(-1)
+    if kind is None or flat.numel() == 0:
+        return None
+    z = float(flat[0])
+    if flat.numel() > 1 and not bool((flat == z).all()):
+        return None
+    lo, hi = qmin - z, qmax - z
+    below = float(np.nextafter(kind(lo), kind(-np.inf)))
+    above = float(np.nextafter(kind(hi), kind(np.inf)))
+    return lo, hi, below, above
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _reduced_dims(x: torch.Tensor, axis: int | None) -> list[int]:
+    return [d for d in range(x.dim()) if axis is None or d != axis % x.dim()]
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """sum(a * b), per channel along `axis`; per tensor a dot product (one pass, no temporary)."""
+    if axis is None:
+        return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum(_reduced_dims(a, axis))
+
+
+def _channel_sum(a: torch.Tensor, axis: int | None) -> torch.Tensor:
+    return a.sum() if axis is None else a.sum(_reduced_dims(a, axis))
+
+
+def _general_backward(ctx, grad):
+    """LSQ's gradients with per-channel clip bounds: masks, and x / s recomputed (only x was saved)."""
+    x, scale, zero_point = ctx.saved_tensors
+    qmin, qmax, axis, factor, learn = ctx.config
+    s, z = qmath.broadcast(scale, x, axis), qmath.broadcast(zero_point, x, axis)
+    lo, hi = qmin - z, qmax - z
+    v = x / s
+    inside = (v >= lo) & (v <= hi)
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    dims = _reduced_dims(x, axis)
+    grad_scale = grad_zp = None
+    if ctx.needs_input_grad[1]:
+        # round(clip(v)) is lo / hi where clipped, so subtracting v only inside gives LSQ's d out / d s.
+        term = torch.clamp(v, lo, hi).round_().sub_(v * inside)
+        grad_scale = (grad * term).sum(dims).reshape(scale.shape) * factor
+    if ctx.needs_input_grad[2]:
+        grad_zp = -(grad * ~inside).sum(dims).reshape(zero_point.shape) * scale * factor
+    if not learn:
+        grad_scale = None if grad_scale is None else torch.zeros_like(grad_scale)
+        grad_zp = None if grad_zp is None else torch.zeros_like(grad_zp)
+    return grad_x, grad_scale, grad_zp
 
 
 def lsq_fake_quantize(
@@ -85,10 +166,12 @@ def lsq_fake_quantize(
     qmax: int,
     axis: int | None,
     grad_factor: float,
+    learn: bool = True,
 ) -> torch.Tensor:
     """`fake_quantize` (same values, same gradients) with the scale and zero-point gradients multiplied by
-    `grad_factor` (LSQ's g), as one autograd node: cheaper in training than autograd through the composed ops."""
-    return _LsqFakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
+    `grad_factor` (LSQ's g), as one autograd node: cheaper in training than autograd through the composed ops.
+    `learn` False gives the scale and zero point zero gradients (and skips computing them)."""
+    return _LsqFakeQuantize.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor, learn)
 
 
 class FakeQuantizer(nn.Module):
@@ -172,11 +255,6 @@ class FakeQuantizer(nn.Module):
         """The integer zero point the forward pass uses now."""
         return torch.clamp(torch.round(self.zero_point.detach()), self.qmin, self.qmax)
 
-    def _trained(self, p: torch.Tensor) -> torch.Tensor:
-        if self.training and self.learning:
-            return p
-        return p.detach() + 0.0 * p if p.requires_grad else p  # value unchanged, zero gradient
-
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.observing:
@@ -184,16 +262,13 @@ class FakeQuantizer(nn.Module):
         if not self.fake_quant:
             return x
         factor = lsq_grad_factor(self._values_per_scale(x), self.qmax)
-        if self.power_of_two:
-            scale = torch.exp2(round_ste(self._trained(self.log2_scale)))
-        else:
-            scale = self._positive(self._trained(self.scale))
+        scale = self._raw_scale()
         zp = self.zero_point
-        if isinstance(zp, nn.Parameter):
-            zp = torch.clamp(round_ste(self._trained(zp)), self.qmin, self.qmax)
-        else:  # a copy: observing later in this forward pass (shared groups) updates the buffer in place
-            zp = zp.clone()
-        return lsq_fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis, factor)
+        # A buffer is copied: observing later in this forward pass (shared groups) updates it in place.
+        zp = torch.clamp(round_ste(zp), self.qmin, self.qmax) if isinstance(zp, nn.Parameter) else zp.clone()
+        # Not learning (frozen, or eval mode): the parameters still get (zero) gradients, so DDP sees them used.
+        learn = self.training and self.learning
+        return lsq_fake_quantize(x, scale, zp, self.qmin, self.qmax, self.axis, factor, learn)
 
     def _values_per_scale(self, x: torch.Tensor) -> int:
         n = x.numel()

@@ -5,6 +5,8 @@ while BN trains, w * gamma / sigma_running is quantized, the conv output is resc
 BN runs with batch statistics (so the result equals conv(x, q(w_folded)) with the running-statistics fold
 replaced by the batch one); once frozen, or in eval mode, the layer is exactly conv(x, q(w_folded), b_folded)
 with the running statistics, computed by the PTQ fold itself (`fold_bn`), which is what convert stores.
+The rescale by sigma_running / gamma is applied to the quantized weight (one pass over the weight) rather than
+to the conv output (passes over the activation), which is the same per output channel.
 """
 
 from __future__ import annotations
@@ -102,14 +104,18 @@ class QATLayer(nn.Module):
         return torch.clamp(round_ste(b / step), -limit, limit) * step
 
     def _forward_bn_training(self, x: torch.Tensor) -> torch.Tensor:
+        """conv(x, q(w * f)) / f + b, then BatchNorm with batch statistics (f = gamma / sigma_running).
+
+        The division by f is applied to the quantized weight, not to the output: per output channel,
+        conv(x, q(w * f)) / f = conv(x, q(w * f) / f), so the rescale costs a pass over the weight instead of
+        two over the activation (forward and backward), and the bias goes into the conv itself."""
         bn = self.batchnorm
         factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        w = self.weight * factor.reshape(-1, *([1] * (self.weight.dim() - 1)))
-        y = self.target(x, self._quantize_weight(w), None, *self.rest_args, **self.kwargs)
-        channel = [1, -1] + [1] * (y.dim() - 2)
-        y = y / factor.reshape(channel)  # back to the unfolded conv's output, so BN sees its batch statistics
-        if self.bias is not None:
-            y = y + self.bias.reshape(channel)
+        # gamma = 0 makes the BN output beta whatever its input: any finite rescale will do, 1 avoids 0 / 0.
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        shape = (-1, *([1] * (self.weight.dim() - 1)))
+        w = self._quantize_weight(self.weight * factor.reshape(shape)) / factor.reshape(shape)
+        y = self.target(x, w, self.bias, *self.rest_args, **self.kwargs)
         return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
     @torch.no_grad()

@@ -136,3 +136,53 @@ def test_fused_lsq_node_matches_autograd_through_the_composed_ops():
             grads.append((out.detach(), xi.grad, s.grad, z.grad))
         for a, b in zip(*grads, strict=True):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _fused_and_reference_grads(x, scale, zp, axis, qmin=0, qmax=255, factor=0.3):
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    results = []
+    for fused in (False, True):
+        xi, s, z = (t.clone().requires_grad_() for t in (x, scale, zp))
+        if fused:
+            out = lsq_fake_quantize(xi, s, z, qmin, qmax, axis, factor)
+        else:  # the reference: autograd through the composed ops, LSQ's g applied to the parameters by hand
+            out = fake_quantize(xi, s, z, qmin, qmax, axis)
+        (out * upstream).sum().backward()
+        grads = (xi.grad, s.grad, z.grad) if fused else (xi.grad, s.grad * factor, z.grad * factor)
+        results.append((out.detach(), *grads))
+    return results
+
+
+def test_fused_fast_and_general_paths_give_the_reference_gradients():
+    """The fast path (one zero point: per tensor, or per channel with equal zero points) and the general path
+    (unequal per-channel zero points) against autograd through `fake_quantize`, in float32 and float64, with
+    values exactly on the clip bounds (the STE counts them as inside: gradient 1)."""
+    g = torch.Generator().manual_seed(6)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(4, 3, 6, 6, generator=g, dtype=dtype) * 4
+        scales = torch.tensor([0.0625, 0.03125, 0.125], dtype=dtype)  # powers of two: x / s is exact below
+        cases = [
+            (scales[0], torch.tensor(20.0, dtype=dtype), None),
+            (scales, torch.full((3,), 20.0, dtype=dtype), 1),
+            (scales, torch.tensor([20.0, 0.0, 128.0], dtype=dtype), 1),
+        ]
+        for scale, zp, axis in cases:
+            s0, z0 = float(scale.reshape(-1)[0]), float(zp.reshape(-1)[0])
+            x[0, 0, 0, :2] = torch.tensor([(0 - z0) * s0, (255 - z0) * s0])  # codes 0 and 255: on the bounds
+            reference, fused = _fused_and_reference_grads(x, scale, zp, axis)
+            assert torch.equal(reference[0], fused[0]), (dtype, axis)
+            assert fused[1][0, 0, 0, :2].tolist() == reference[1][0, 0, 0, :2].tolist() != [0.0, 0.0]
+            for want, got in zip(reference[1:], fused[1:], strict=True):
+                assert torch.allclose(want, got, rtol=1e-5, atol=1e-5), (dtype, axis, want, got)
+
+
+def test_fused_node_with_learning_off_gives_zero_parameter_gradients_and_the_ste_input_gradient():
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)) * 4
+    scale, zp = torch.tensor(0.05, requires_grad=True), torch.tensor(20.0, requires_grad=True)
+    xi = x.clone().requires_grad_()
+    out = lsq_fake_quantize(xi, scale, zp, 0, 255, None, 1.0, learn=False)
+    out.sum().backward()
+    assert torch.equal(scale.grad, torch.zeros(())) and torch.equal(zp.grad, torch.zeros(()))
+    v = x / 0.05
+    assert torch.equal(xi.grad, ((v >= -20) & (v <= 235)).float())
+    assert torch.equal(out, fake_quantize(x, torch.tensor(0.05), torch.tensor(20.0), 0, 255))
