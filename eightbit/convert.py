@@ -18,7 +18,7 @@ from eightbit.calibration.encodings import Encoding, layer_weight_spec, weight_e
 from eightbit.config import QuantConfig, QuantSpec, Scheme
 from eightbit.graph import ops
 from eightbit.graph.placement import Placement
-from eightbit.graph.transforms.bias_correction import layer_bias_shift
+from eightbit.graph.transforms.bias_correction import bias_shift
 from eightbit.graph.transforms.fuse_pad import PADS, zero_pad
 from eightbit.graph.utils import add_constant, attr_value
 
@@ -201,7 +201,7 @@ def _bias_shift(node, rule, args, dq_of_call, w, q, enc) -> torch.Tensor | None:
         return None
     scale, zp = enc.tensors_()
     error = qmath.dequantize(q, scale, zp, enc.axis) - w.detach().float()
-    return layer_bias_shift(node, error, mean, groups).float()
+    return bias_shift(error, mean, groups).float()
 
 
 # Bias codes are kept below this (half the int32 range): headroom for a bias correction added later.

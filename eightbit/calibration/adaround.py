@@ -35,7 +35,7 @@ from eightbit.calibration.encodings import Encoding, weight_encoding
 from eightbit.calibration.refine import find_targets, layer_samples
 from eightbit.config import QuantConfig
 from eightbit.graph.placement import FUSED_ACTIVATIONS, Placement
-from eightbit.graph.transforms.bias_correction import layer_bias_shift
+from eightbit.graph.transforms.bias_correction import bias_shift
 from eightbit.graph.utils import add_constant, attr_value
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (the paper's values)
@@ -324,7 +324,7 @@ def _correct_bias(gm: fx.GraphModule, node: fx.Node, rule, args: list, weight: t
     groups = args[6] if node.target is not torch.ops.aten.linear.default and len(args) > 6 else 1
     if original is None or bias is None or enc.mean is None or len(enc.mean) != original.shape[1] * groups:
         return
-    shift = layer_bias_shift(node, weight - original.detach().float(), torch.tensor(enc.mean), groups).float()
+    shift = bias_shift(weight - original.detach().float(), torch.tensor(enc.mean), groups).float()
     args[pos] = add_constant(gm, node, f"{node.name}_adaround_bias", bias.detach().float() - shift)
 
 
