@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from eightbit.config import AdaRound
 from eightbit.data import Normalization
 from eightbit.export.onnx import ParityError
 from eightbit.graph.capture import CaptureError
@@ -438,8 +439,11 @@ def _model_and_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--equalize", action="store_true", help="cross-layer equalization + bias absorption (per-tensor)")
     p.add_argument("--equalize-relu6", choices=["bounded", "to_relu", "skip"], default="bounded")
     p.add_argument("--adaround", action="store_true", help="learn the weights' rounding (AdaRound; low-bit weights)")
-    p.add_argument("--adaround-iterations", type=int, default=200, help="AdaRound steps per layer")
-    p.add_argument("--adaround-samples", type=int, default=64, help="calibration samples AdaRound learns from")
+    defaults = AdaRound()  # one source for the defaults: the config's
+    p.add_argument("--adaround-iterations", type=int, default=defaults.iterations, help="AdaRound steps per layer")
+    p.add_argument(
+        "--adaround-samples", type=int, default=defaults.samples, help="calibration samples AdaRound learns from"
+    )
     p.add_argument("--keep-float", action="append", default=[], metavar="MODULE", help="submodule to keep float")
     p.add_argument(
         "--keep-float-node",

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from eightbit import qmath
 from eightbit.calibration.calibrate import OBSERVER_PREFIX
 from eightbit.calibration.encodings import Encoding, weight_encoding
-from eightbit.calibration.refine import _layer_samples, find_targets
+from eightbit.calibration.refine import find_targets, layer_samples
 from eightbit.config import QuantConfig
 from eightbit.graph.placement import FUSED_ACTIVATIONS, Placement
 from eightbit.graph.transforms.bias_correction import bias_shift
@@ -258,7 +258,7 @@ def adaround_layers(
                 rule = targets[node.name][1]
                 fetched = [run.fetch_args_kwargs_from_env(node) for run in quant_runs]
                 outputs = [run.env[node] for run in float_runs]
-                layer = _layer_samples(node, rule, fetched, outputs, config, overflow_fix)
+                layer = layer_samples(node, rule, fetched, outputs, config, overflow_fix)
                 result, enc = _learn_layer(node, layer, settings, progress)
                 learned[node.name] = (rule.weight_arg, result.weight)
                 results[node.name] = (result, enc)

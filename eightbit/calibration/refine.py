@@ -178,13 +178,20 @@ def _group_layers(
     for node, fetched, outputs in replay(gm, chunks, set(wanted)):
         group, rule = targets[node.name]
         layers = pending.setdefault(group, {})
-        layers[node.name] = _layer_samples(node, rule, fetched, outputs, config, overflow_fix)
+        layers[node.name] = layer_samples(node, rule, fetched, outputs, config, overflow_fix)
         if len(layers) == expected[group]:
             del pending[group]
             yield group, list(layers), list(layers.values())
 
 
-def _layer_samples(node: fx.Node, rule: OpRule, fetched: list, outputs: list, config, overflow_fix) -> LayerSamples:
+def layer_samples(
+    node: fx.Node, rule: OpRule, fetched: list, outputs: list, config: QuantConfig, overflow_fix: bool
+) -> LayerSamples:
+    """One conv/linear layer of the replay as `layerwise.LayerSamples`: its op as a function of (input, weight)
+    with the node's other arguments bound, its float weight with the spec and starting range convert would use,
+    and its inputs/outputs over the replayed batches (`fetched`: the node's (args, kwargs) per batch; `outputs`:
+    its output per batch), merged into chunks of bounded size.  A padded conv gets its inputs padded once and an
+    unpadded op.  Shared by the output-aware searches here and by `calibration.adaround`."""
     args, kwargs = fetched[0]
     pos = rule.weight_arg
 
