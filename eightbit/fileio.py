@@ -46,6 +46,12 @@ def _temp_file(folder: Path, name: str) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{name}.{os.getpid()}-", suffix=".tmp", dir=folder)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
+
+
 def _leftover_pattern(name: str) -> re.Pattern:
     """Our temporary files for target `name` (mkstemp's random part: 8 of [a-z0-9_]); the group is the pid."""
     return re.compile(rf"\.{re.escape(name)}\.(\d+)-[a-z0-9_]{{8}}\.tmp")
@@ -84,6 +90,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     remove_leftover_temp_files(path)
     fd, tmp = _temp_file(path.parent, path.name)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; the output gets what open() would give it
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -110,3 +110,15 @@ def test_the_temporary_file_of_a_running_write_is_left_alone(tmp_path):
     finally:
         running.communicate(b"", timeout=60)
     assert running.returncode == 0 and target.read_bytes() == b"half a model"
+
+
+def test_atomic_outputs_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    """An output written through atomic_path is readable by others as any file the user creates (umask), not the
+    owner-only 0600 of the temporary file it was renamed from."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "model.onnx") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.onnx").stat().st_mode & 0o777 == 0o644
