@@ -176,7 +176,7 @@ def write_report(
     lines += ["", f"Raw numbers (ms per call, every kernel): [{stem}_sweep.json]({stem}_sweep.json)."]
     with atomic_path(out_dir / f"{stem}_sweep.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps({"model": model_name, "cpu": cpu_description(), "threads": threads,
-                                   "points": [point_dict(p) for p in points]}, indent=1))  # fmt: skip
+                                   "points": [point_dict(p) for p in points]}, separators=(",", ":")))  # fmt: skip
     path = out_dir / f"{stem}_sweep.md"
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
