@@ -76,8 +76,9 @@ def main() -> int:
     parser.add_argument("--only", type=int, nargs="*", help="row numbers to run (0-based)")
     parser.add_argument("--iterations", type=int, help="AdaRound iterations per layer (default: AdaRound's)")
     parser.add_argument("--samples", type=int, help="AdaRound calibration crops (default: AdaRound's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the 2-core machine's figures)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from eightbit.demos import zoo
 
     model = zoo.efficientnet_lite0()
