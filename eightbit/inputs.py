@@ -40,19 +40,38 @@ _CAST = (torch.float16, torch.bfloat16, torch.float64)
 
 
 def float32_model(model: nn.Module) -> tuple[nn.Module, str, torch.dtype | None]:
-    """`model`, or a float32 copy of it when it holds float16/bfloat16 weights (calibration statistics and int8
-    scales are computed in float32; an fp16 graph would also export Q/DQ that ONNX Runtime rejects).  Returns the
-    model, a note for the summary ('' when nothing changed) and the half dtype converted from (or None).  The
-    user's model is never modified."""
-    dtypes = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    """`model`, or a float32 CPU copy of it when it holds float16/bfloat16 weights (calibration statistics and int8
+    scales are computed in float32; an fp16 graph would also export Q/DQ that ONNX Runtime rejects) or lives on
+    an accelerator (eightbit calibrates on the CPU, where the int8 model runs).  Returns the model, a note for
+    the summary ('' when nothing changed) and the half dtype converted from (or None).  The user's model is
+    never modified or moved."""
+    tensors = [*model.parameters(), *model.buffers()]
+    devices = sorted({str(t.device) for t in tensors})
+    if "meta" in devices:
+        raise ValueError(
+            "the model has parameters on the meta device, which hold no values: load its weights first "
+            "(e.g. model.to_empty(device='cpu') then load_state_dict, or load_state_dict(..., assign=True))"
+        )
+    off_cpu = [d for d in devices if d != "cpu"]
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     half = sorted(str(d).removeprefix("torch.") for d in dtypes if d in _HALF)
-    if not half:
+    notes = []
+    if off_cpu:
+        notes.append(
+            f"model is on {'/'.join(off_cpu)}: calibrated and quantized on a CPU copy (int8 runs on CPU runtimes); "
+            "calibration inputs are moved to the CPU, and your model stays where it is"
+        )
+    if half:
+        notes.append(
+            f"model weights are {'/'.join(half)}: calibrated and quantized in float32; the int8 model takes "
+            "float32 inputs"
+        )
+    if not notes:
         return model, "", None
-    note = (
-        f"model weights are {'/'.join(half)}: calibrated and quantized in float32; the int8 model takes float32 inputs"
-    )
+    note = "; ".join(notes)
     warnings.warn(f"eightbit: {note}", UserWarning, stacklevel=3)
-    return copy.deepcopy(model).float(), note, next(d for d in _HALF if d in dtypes)
+    copied = copy.deepcopy(model).cpu()
+    return (copied.float() if half else copied), note, next((d for d in _HALF if d in dtypes), None)
 
 
 def _describe(value) -> str:
@@ -148,7 +167,8 @@ class InputBinder:
 
     def _cast(self, args: tuple) -> tuple:
         """Float inputs in another precision become float32, the model's dtype (one warning per dtype); a float64
-        model keeps its inputs."""
+        model keeps its inputs.  Tensors on an accelerator come to the CPU, where the model is calibrated."""
+        args = tuple(a.cpu() if isinstance(a, torch.Tensor) and a.device.type != "cpu" else a for a in args)
         if self._float != torch.float32:
             return args
         out = []

@@ -336,3 +336,30 @@ def test_a_config_object_stays_the_users_object_through_calibrate_then_quantize(
     assert qm(torch.randn(2, 3, 16, 16), settings=settings).shape == (2, 4)
     with pytest.raises(ValueError, match="fixed at capture"):
         qm(torch.randn(2, 3, 16, 16), settings=Settings())
+
+
+def test_a_model_on_the_meta_device_is_refused_with_what_to_do():
+    """A model built on the meta device has no weights: quantizing it used to fail deep in capture."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="meta device.*load its weights"):
+        quantize(model, [torch.randn(2, 4)], progress=False)
+
+
+def test_float32_model_copies_a_model_off_the_accelerator_and_leaves_it_there(monkeypatch):
+    """The CPU copy is made for models that are not on the CPU (seen: a CUDA model raised 'Expected all tensors
+    to be on the same device'); no accelerator here, so the device report is faked and the copy checked."""
+    from eightbit import inputs
+
+    model = nn.Linear(4, 2)
+    real = torch.Tensor.device
+
+    def fake_device(self):
+        return torch.device("cuda:0") if self is model.weight else real.__get__(self)
+
+    monkeypatch.setattr(torch.Tensor, "device", property(fake_device))
+    with pytest.warns(UserWarning, match="CPU copy"):
+        copied, note, half = inputs.float32_model(model)
+    monkeypatch.undo()
+    assert copied is not model and half is None and "cuda:0" in note
+    assert torch.equal(copied.weight, model.weight)
