@@ -120,8 +120,9 @@ def main() -> int:
     parser.add_argument(
         "--per-channel-agreement", type=float, help="skip the per-channel model: its top-1 agreement (fallback part)"
     )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2: the 2-core machine's figures)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from eightbit.demos import zoo
 
     model = zoo.efficientnet_lite0()
