@@ -50,8 +50,10 @@ def check_cuda_model_quantize(device: str) -> None:
             print(f"qm(cpu input) raised {type(exc).__name__}: {exc}")
             out = qm(x.to(device)).cpu()
         cos = nn.functional.cosine_similarity(out.flatten(1).cpu(), ref.flatten(1).cpu()).mean()
-        print(f"quantize OK; output cos vs float {float(cos):.4f}; model param device now "
-              f"{next(model.parameters()).device}")
+        print(
+            f"quantize OK; output cos vs float {float(cos):.4f}; model param device now "
+            f"{next(model.parameters()).device}"
+        )
     except Exception as exc:  # noqa: BLE001
         print(f"quantize raised {type(exc).__name__}: {str(exc)[:600]}")
 
@@ -184,8 +186,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))
-    print(f"torch {torch.__version__}; device {args.device}"
-          + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}; device {args.device}"
+        + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else "")
+    )
     steps = [
         ("1", lambda: check_cuda_model_quantize(args.device)),
         ("2", lambda: check_qat_on_device(args.device, out)),
