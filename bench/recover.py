@@ -31,6 +31,12 @@ from eightbit.analysis.compare import output_metrics  # noqa: E402
 from eightbit.runtime import hw  # noqa: E402
 
 
+def _adaround(**settings):
+    from eightbit import AdaRound
+
+    return AdaRound(**settings)
+
+
 def _variants(part: str, iterations: int | None, samples: int | None) -> list[tuple[str, QuantConfig]]:
     if part == "cle":
         per_tensor = int8_weights(granularity=Granularity.PER_TENSOR)
@@ -44,6 +50,11 @@ def _variants(part: str, iterations: int | None, samples: int | None) -> list[tu
             (
                 "per-tensor minmax + CLE (ReLU6 -> ReLU, AIMET)",
                 QuantConfig(weights=per_tensor, equalize=Equalize(relu6=Relu6Handling.TO_RELU)),
+            ),
+            ("per-tensor minmax + AdaRound, no CLE", QuantConfig(weights=per_tensor, adaround=_adaround())),
+            (
+                "per-tensor minmax + CLE (ReLU6 bounded) + AdaRound",
+                QuantConfig(weights=per_tensor, equalize=bounded, adaround=_adaround()),
             ),
         ]
     from eightbit import AdaRound
