@@ -296,6 +296,26 @@ class OpProfile:
         return out
 
 
+def ort_kernel_events(
+    events: list[dict], skip_runs: int
+) -> tuple[list[tuple[float, float]], list[tuple[str, str, OpCategory, float]]]:
+    """From ONNX Runtime's profile events: the (start, end) windows in us of the runs after the first
+    `skip_runs` (warm-up), and each kernel event inside them as (node name, op type, category, microseconds)."""
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs[skip_runs:]]
+    kernels = []
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        if not any(lo <= e["ts"] <= hi for lo, hi in windows):
+            continue
+        args = e.get("args", {})
+        op = args.get("op_name", "?")
+        types = [t for shape in args.get("input_type_shape", []) for t in shape]
+        kernels.append((e["name"][: -len("_kernel_time")], op, categorize_op(op, types), e["dur"]))
+    return windows, kernels
+
+
 def profile_ops(path: str | Path, feeds: dict[str, np.ndarray], threads: int = 2, runs: int = 10) -> OpProfile:
     """Profile `runs` calls on ONNX Runtime (after one unprofiled-in-result warm-up call)."""
     import onnxruntime as ort
@@ -312,20 +332,11 @@ def profile_ops(path: str | Path, feeds: dict[str, np.ndarray], threads: int = 2
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
     # The first run pays for buffer allocation; keep only kernels inside the later runs' windows.
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs[1:]]
+    windows, kernels = ort_kernel_events(events, skip_runs=1)
     kernel_us: dict[tuple[str, OpCategory], float] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        if not any(lo <= e["ts"] <= hi for lo, hi in windows):
-            continue
-        args = e.get("args", {})
-        op = args.get("op_name", "?")
-        types = [t for shape in args.get("input_type_shape", []) for t in shape]
-        key = (op, categorize_op(op, types))
-        kernel_us[key] = kernel_us.get(key, 0.0) + e["dur"]
+    for _, op, category, us in kernels:
+        kernel_us[(op, category)] = kernel_us.get((op, category), 0.0) + us
     n = max(len(windows), 1)
     return OpProfile(
         kernel_ms={k: v / 1000.0 / n for k, v in kernel_us.items()},

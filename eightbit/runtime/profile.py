@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from eightbit.runtime.backends import Backend, OpenVinoPrecision, RuntimeOptions
-from eightbit.runtime.benchmark import OpCategory, categorize_op
+from eightbit.runtime.benchmark import OpCategory, ort_kernel_events
 
 __all__ = ["Kernel", "KernelProfile", "OVERHEAD", "profile_kernels"]
 
@@ -131,19 +131,10 @@ def _profile_ort(path: Path, feeds, options: RuntimeOptions, runs: int, warmup: 
             sess.run(None, inputs)
         wall = _timed(lambda: sess.run(None, inputs), runs)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs[warmup:]]  # the timed runs only
+    windows, events_in_runs = ort_kernel_events(events, skip_runs=warmup)  # the timed runs only
     per_kernel: dict[str, tuple[str, OpCategory, list[float]]] = {}
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
-        if not any(lo <= e["ts"] <= hi for lo, hi in windows):
-            continue
-        args = e.get("args", {})
-        op = args.get("op_name", "?")
-        types = [t for shape in args.get("input_type_shape", []) for t in shape]
-        name = e["name"][: -len("_kernel_time")]
-        per_kernel.setdefault(name, (op, categorize_op(op, types), []))[2].append(e["dur"])
+    for name, op, category, us in events_in_runs:
+        per_kernel.setdefault(name, (op, category, []))[2].append(us)
     n = max(len(windows), 1)
     kernels = tuple(
         Kernel(name=name, op_type=op, category=cat, sources=ort_sources(name, names), ms=_per_run_ms(us, n))
