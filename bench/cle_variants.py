@@ -62,10 +62,7 @@ def main() -> int:
     torch.set_num_threads(2)
     from eightbit.demos import zoo
 
-    model = zoo.efficientnet_lite0()
-    images, _ = zoo.imagenet_photos()
-    calibration = list(zoo.augmented_crops(images, args.calib, seed=1).split(32))
-    evaluation = zoo.augmented_crops(images, args.eval, seed=7)
+    model, calibration, evaluation = zoo.efficientnet_protocol(args.calib, args.eval)
     with torch.no_grad():
         reference = model(evaluation)
     weights = int8_weights(granularity=Granularity.PER_TENSOR)

@@ -92,10 +92,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from eightbit.demos import zoo
 
-    model = zoo.efficientnet_lite0()
-    images, _ = zoo.imagenet_photos()
-    calibration = list(zoo.augmented_crops(images, args.calib, seed=1).split(32))
-    evaluation = zoo.augmented_crops(images, args.eval, seed=7)
+    model, calibration, evaluation = zoo.efficientnet_protocol(args.calib, args.eval)
     with torch.no_grad():
         reference = model(evaluation)
     print(f"CPU: {hw.cpu_flags() and ('VNNI' if hw.has_vnni() else 'no VNNI (AVX2 path, 7-bit GEMM weight codes)')}")

@@ -210,3 +210,13 @@ def load_minilm():
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     return tokenizer, model.eval()
+
+
+def efficientnet_protocol(calib: int = 256, evaluate: int = 200):
+    """The benchmarks' EfficientNet-Lite0 protocol (BENCHMARKS.md method and recovery tables): the model with its
+    ImageNet weights, `calib` augmented crops of the 20 photos (seed 1) in batches of 32 for calibration, and
+    `evaluate` held-out crops (seed 7).  Returns (model, calibration batches, evaluation crops)."""
+    model = efficientnet_lite0()
+    images, _ = imagenet_photos()
+    calibration = list(augmented_crops(images, calib, seed=1).split(32))
+    return model, calibration, augmented_crops(images, evaluate, seed=7)
